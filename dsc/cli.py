@@ -1,0 +1,140 @@
+"""The `dsc` command line. Exit codes: 0 done, 1 failure, 2 bad input, 3 interrupted."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from dsc.errors import DscError, ExitCode
+
+EPILOG = "exit codes: 0 done, 1 failure, 2 bad input (recipe, paths, model, run directory), 3 interrupted (rerun to resume)"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsc", description="Compress a Hugging Face causal LM into a Lite model.",
+                                epilog=EPILOG)
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one object per line, for jobs")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe (resumes after finished stages)", epilog=EPILOG)
+    run.add_argument("recipe")
+    run.add_argument("-o", "--output", help="run directory (overrides the recipe's output)")
+    run.add_argument("--fresh", action="store_true", help="discard a previous run in the output and start over")
+    val = sub.add_parser("validate", help="validate recipes without loading any model")
+    val.add_argument("recipes", nargs="+")
+    st = sub.add_parser("stages", help="list stages with their fields, types, defaults and help")
+    st.add_argument("name", nargs="?")
+    ev = sub.add_parser("eval", help="evaluate one model (perplexity, size, speed, memory)")
+    ev.add_argument("model", help="HF directory, .gguf file, hub id, or 'default'")
+    ev.add_argument("--data", default="generated", help="text/.jsonl/.parquet file, or 'generated' (sampled from the model)")
+    ev.add_argument("--field", default="text", help="JSON key or column holding the text")
+    ev.add_argument("--line-join", default=None, help="text files: drop empty lines, join with this (WikiText: '\\n\\n')")
+    ev.add_argument("--max-tokens", type=int, default=None, help="read only the first N tokens of the data")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an evaluate field (see `dsc stages evaluate`), e.g. --set context_length=1024")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--json", dest="json_out", help="also write the metrics to this file")
+    rep = sub.add_parser("report", help="render report.md (and --html) again from a run directory")
+    rep.add_argument("output")
+    rep.add_argument("--html", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from dsc.log import setup_logging
+
+    log = setup_logging(args.log_format, args.log_level)
+    previous = signal.signal(signal.SIGTERM, _sigterm)  # Kubernetes stops pods with SIGTERM
+    try:
+        return int(COMMANDS[args.command](args, log) or ExitCode.OK)
+    except DscError as exc:
+        log.error("%s", exc, extra={"event": "error", "kind": type(exc).__name__, "exit_code": int(exc.exit_code)})
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        log.error("interrupted: rerun the same command to resume", extra={"event": "error", "exit_code": 3})
+        return int(ExitCode.INTERRUPTED)
+    except Exception:  # noqa: BLE001 - the one place that turns a crash into exit code 1
+        log.exception("failed", extra={"event": "error", "exit_code": 1})
+        return int(ExitCode.FAILURE)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cmd_run(args, log) -> int:
+    from dsc.recipe import load_recipe
+    from dsc.runner import run_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = run_recipe(recipe, output=args.output, fresh=args.fresh, log=log)
+    print(out / "report.md")
+    return 0
+
+
+def cmd_validate(args, log) -> int:
+    from dsc.errors import DscInputError
+    from dsc.recipe import load_recipe
+
+    bad = 0
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path)
+            print(f"{path}: ok ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
+        except DscInputError as exc:
+            bad += 1
+            print(f"{path}: invalid\n" + "\n".join(f"  {line}" for line in str(exc).splitlines()), file=sys.stderr)
+    return ExitCode.BAD_INPUT if bad else 0
+
+
+def cmd_stages(args, log) -> int:
+    from dsc.config import describe_fields
+    from dsc.errors import DscInputError, did_you_mean
+    from dsc.registry import STAGES
+
+    if args.name and args.name not in STAGES:
+        raise DscInputError("stage", f"unknown stage {args.name!r}{did_you_mean(args.name, STAGES)}")
+    for name, stage in STAGES.items():
+        if args.name in (None, name):
+            print(f"{name}: {stage.summary}")
+            for f in describe_fields(stage.config):
+                print(f"  {f['name']:<18} {f['type']:<24} {f['default']:<14} {f['help']}")
+            print()
+    return 0
+
+
+def cmd_eval(args, log) -> int:
+    from dsc.evaluate_cli import evaluate_model_cli
+
+    metrics = evaluate_model_cli(args, log)
+    text = json.dumps(metrics, indent=2, default=str)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    return 0
+
+
+def cmd_report(args, log) -> int:
+    from dsc.errors import DscInputError
+    from dsc.fingerprint import write_json
+    from dsc.report import collect_metrics, write_report
+
+    run = Path(args.output)
+    if not (run / "stages").is_dir():
+        raise DscInputError("output", f"{run} is not a dsc run directory (no stages/ folder)")
+    write_json(run / "metrics.json", collect_metrics(run))
+    print(write_report(run, html_too=args.html))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "stages": cmd_stages, "eval": cmd_eval, "report": cmd_report}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Errors and exit codes.
+
+Every error a user can fix is a `DscInputError`: it names the field (a recipe path such as
+``stages[1].evaluate.stride``), the value, and the fix. The CLI maps error classes to the
+documented exit codes, so scheduled jobs can tell bad input from a crash.
+"""
+from __future__ import annotations
+
+import difflib
+from enum import IntEnum
+from typing import Iterable
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1  # a bug or an environment failure: worth a retry or a report
+    BAD_INPUT = 2  # the recipe, a path, the model or the run directory needs fixing
+    INTERRUPTED = 3  # SIGINT / SIGTERM: rerun to resume
+
+
+class DscError(Exception):
+    exit_code = ExitCode.FAILURE
+
+
+class DscInputError(DscError):
+    """Bad input: a malformed recipe, a missing file, a model a stage cannot handle."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class RecipeError(DscInputError):
+    """Several validation problems at once, so a user fixes a recipe in one pass."""
+
+    def __init__(self, problems: list[DscInputError]):
+        self.problems = problems
+        lines = [str(p) for p in problems]
+        Exception.__init__(self, "\n".join(lines))
+
+
+class RunInterrupted(DscError):
+    exit_code = ExitCode.INTERRUPTED
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' did you mean X?' when a close match exists, else ''."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""

@@ -1,0 +1,212 @@
+"""The recipe: YAML → a validated, frozen `Recipe`, checked whole before any model loads.
+
+    teacher: default                  # or {path: ..., trust_remote_code: false, dtype: float32}
+    data:                             # named sources (default: text sampled from the teacher)
+      wiki: {type: text, path: ../data/wiki.valid.raw, splits: {eval: 1.0}}
+    stages:                           # ordered; the same stage may appear twice
+      - evaluate: {data: wiki, context_length: 512}
+    output: ../runs/demo              # or {dir: ..., save_model: true}
+    seed: 0
+
+Relative paths resolve against the recipe file's folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator
+
+from dsc.config import Config
+from dsc.data.sources import SOURCE_CLASSES, TeacherSource, check_exists
+from dsc.errors import DscInputError, RecipeError, did_you_mean
+from dsc.models import ModelRef, resolve
+from dsc.registry import STAGES
+
+TOP_LEVEL = ("teacher", "data", "stages", "output", "seed", "device", "cache_dir")
+DEFAULT_DATA = {"generated": {"type": "teacher"}}
+
+
+class Output(Config):
+    dir: str = Field(description="run directory (relative to the recipe's folder)")
+    save_model: bool = Field(True, description="write the final Lite model to OUT/model")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    config: Config
+    path: str  # "stages[1].evaluate", used to prefix errors raised while the stage runs
+
+
+@dataclass(frozen=True)
+class Recipe:
+    teacher: ModelRef
+    data: dict[str, Any]
+    stages: tuple[StageSpec, ...]
+    output: Output
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: str | None = None
+    base_dir: Path = field(default=Path("."))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe: every default filled in, as written to OUT/recipe.yaml."""
+        return {
+            "teacher": self.teacher.model_dump(),
+            "data": {k: v.model_dump() for k, v in self.data.items()},
+            "stages": [{s.name: s.config.model_dump()} for s in self.stages],
+            "output": self.output.model_dump(),
+            "seed": self.seed,
+            "device": self.device,
+            "cache_dir": self.cache_dir,
+        }
+
+    def default_data(self) -> str:
+        return next(iter(self.data))
+
+
+class _Top(Config):
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: str | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+def load_recipe(path: str | Path, output: str | None = None) -> Recipe:
+    """Read and validate a recipe file. `output` (a CLI override) is relative to the CWD."""
+    path = Path(path)
+    if not path.is_file():
+        raise DscInputError("recipe", f"file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise DscInputError("recipe", f"{path} is not valid YAML: {exc}") from None
+    if output is not None:
+        raw = dict(raw or {}, output=str(Path(output).resolve()))
+    return validate(raw, base_dir=path.resolve().parent, default_output=f"runs/{path.stem}")
+
+
+def validate(raw: Any, base_dir: Path = Path("."), default_output: str | None = None) -> Recipe:
+    """Validate a whole recipe; every problem found is reported at once (RecipeError)."""
+    if not isinstance(raw, dict):
+        raise DscInputError("recipe", f"must be a mapping with keys {', '.join(TOP_LEVEL)}, got {type(raw).__name__}")
+    problems: list[DscInputError] = []
+
+    def collect(fn, *args):
+        try:
+            return fn(*args)
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+        except DscInputError as exc:
+            problems.append(exc)
+        return None
+
+    known = ", ".join(TOP_LEVEL)
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(DscInputError(str(key), f"unknown top-level key{did_you_mean(str(key), TOP_LEVEL) or f' (known: {known})'}"))
+    top = collect(_Top.parse, {k: raw[k] for k in ("seed", "device", "cache_dir") if k in raw}, "")
+    teacher = collect(_teacher, raw.get("teacher", "default"), base_dir)
+    data = collect(_data, raw.get("data"), base_dir) or {}
+    stages = collect(_stages, raw.get("stages")) or ()
+    output = collect(_output, raw.get("output", default_output))
+    if data and stages:
+        collect(_cross_stage, stages, data)
+    if problems:
+        raise RecipeError(problems)
+    return Recipe(teacher=teacher, data=data, stages=stages, output=output, seed=top.seed, device=top.device,
+                  cache_dir=top.cache_dir, base_dir=base_dir)
+
+
+def _teacher(raw: Any, base_dir: Path) -> ModelRef:
+    ref = ModelRef.parse({"path": raw} if isinstance(raw, str) else raw, "teacher")
+    resolve(ref, base_dir)  # a missing path or package fails now, not after minutes of work
+    return ref
+
+
+def _data(raw: Any, base_dir: Path) -> dict[str, Any]:
+    raw = DEFAULT_DATA if raw is None else raw
+    if not isinstance(raw, dict) or not raw:
+        raise DscInputError("data", f"must map source names to sources ({{name: {{type: text, path: ...}}}}), got {raw!r}")
+    out, problems = {}, []
+    for name, spec in raw.items():
+        where = f"data.{name}"
+        if not isinstance(spec, dict) or spec.get("type") not in SOURCE_CLASSES:
+            got = spec.get("type") if isinstance(spec, dict) else spec
+            hint = did_you_mean(str(got), SOURCE_CLASSES) if isinstance(got, str) else ""
+            problems.append(DscInputError(f"{where}.type", f"must be one of {', '.join(SOURCE_CLASSES)}, got {got!r}{hint}"))
+            continue
+        try:
+            out[name] = SOURCE_CLASSES[spec["type"]].parse(spec, where)
+            check_exists(out[name], base_dir, where)
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+        except DscInputError as exc:
+            problems.append(exc)
+    if problems:
+        raise RecipeError(problems)
+    return out
+
+
+def _stages(raw: Any) -> tuple[StageSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise DscInputError("stages", "must be a non-empty list like [{evaluate: {}}], got " + repr(raw))
+    specs, problems = [], []
+    for i, entry in enumerate(raw):
+        where = f"stages[{i}]"
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            problems.append(DscInputError(where, f"must be a mapping with one stage name, like {{evaluate: {{...}}}}, got {entry!r}"))
+            continue
+        (name, cfg), = entry.items()
+        if name not in STAGES:
+            problems.append(DscInputError(where, f"unknown stage {name!r}{did_you_mean(str(name), STAGES)} "
+                                                 f"(stages: {', '.join(STAGES)})"))
+            continue
+        try:
+            specs.append(StageSpec(name, STAGES[name].config.parse(cfg, f"{where}.{name}"), f"{where}.{name}"))
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+        except DscInputError as exc:
+            problems.append(exc)
+    if problems:
+        raise RecipeError(problems)
+    return tuple(specs)
+
+
+def _output(raw: Any) -> Output:
+    if raw is None:
+        raise DscInputError("output", "required: the run directory, e.g. `output: ../runs/my_run`")
+    return Output.parse({"dir": raw} if isinstance(raw, str) else raw, "output")
+
+
+def _cross_stage(stages: tuple[StageSpec, ...], data: dict[str, Any]) -> None:
+    """Rules that span sections: a stage's data source must exist and have the split it reads."""
+    problems = []
+    for spec in stages:
+        name = getattr(spec.config, "data", None)
+        if name is not None and name not in data:
+            problems.append(DscInputError(f"{spec.path}.data", f"unknown data source {name!r}"
+                                          f"{did_you_mean(name, data)} (defined: {', '.join(data)})"))
+            continue
+        split = getattr(spec.config, "split", None)
+        source = data[name] if name is not None else next(iter(data.values()))
+        if split not in (None, "all") and source.splits.get(split, 0) == 0:
+            problems.append(DscInputError(f"{spec.path}.split", f"source {name or next(iter(data))!r} gives split "
+                                          f"{split!r} no blocks: add it to that source's `splits` or use split: all"))
+    if problems:
+        raise RecipeError(problems)
+
+
+def uses_teacher_data(recipe: Recipe) -> bool:
+    return any(isinstance(s, TeacherSource) for s in recipe.data.values())

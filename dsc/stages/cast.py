@@ -1,0 +1,22 @@
+"""`cast`: store the weights in a narrower float dtype (bfloat16 / float16): half the bytes,
+usually the first and cheapest step of a Lite model."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from dsc.config import Config
+from dsc.stages import StageOutput
+
+
+class CastConfig(Config):
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the weights")
+
+
+def apply(model, cfg: CastConfig, ctx) -> StageOutput:
+    before = next(model.parameters()).dtype
+    model = model.to(getattr(torch, cfg.dtype))
+    model.config.dtype = cfg.dtype  # save_pretrained writes it; from_pretrained(dtype="auto") reads it
+    return StageOutput(model, {"from": str(before).removeprefix("torch."), "to": cfg.dtype})

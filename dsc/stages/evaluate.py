@@ -1,0 +1,76 @@
+"""`evaluate`: perplexity under a recorded protocol, size, speed and memory, of the current
+model and of the teacher (measured by the same code in the same run, once per protocol)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dsc.config import Config
+from dsc.errors import DscInputError
+from dsc.evaluation import param_counts, perplexity, speed, weight_bytes
+from dsc.fingerprint import hash_json
+from dsc.log import Progress
+from dsc.stages import StageOutput
+
+
+class EvaluateConfig(Config):
+    data: str | None = Field(None, description="data source name (default: the recipe's first source)")
+    split: Literal["eval", "train", "calibration", "all"] = Field("eval", description="which split to score")
+    context_length: int = Field(512, gt=1, description="tokens per perplexity window")
+    stride: int | None = Field(None, gt=0, description="window step (default: context_length, no overlap)")
+    max_windows: int | None = Field(None, gt=0, description="score only the first N windows")
+    batch_size: int = Field(1, gt=0, description="windows per forward pass")
+    speed: bool = Field(True, description="measure prefill/decode tokens/s and peak memory")
+    speed_batch_size: int = Field(1, gt=0, description="batch size of the speed measurement")
+    prompt_length: int = Field(128, gt=0, description="prompt tokens for the prefill measurement")
+    decode_tokens: int = Field(32, ge=0, description="tokens generated for the decode measurement")
+    repeats: int = Field(3, gt=0, description="timed repeats (median reported) after one warm-up")
+    teacher: bool = Field(True, description="also measure the teacher under the same protocol (once a run)")
+
+    @model_validator(mode="after")
+    def _stride(self):
+        if self.stride is not None and self.stride > self.context_length:
+            raise ValueError(f"stride ({self.stride}) must be <= context_length ({self.context_length}): "
+                             "larger strides would skip tokens")
+        return self
+
+
+def protocol(cfg: EvaluateConfig, data) -> dict:
+    """Everything that fixes the perplexity number, recorded next to it."""
+    return {"dataset": data.name, "data_fingerprint": data.fingerprint[:16], "split": cfg.split,
+            "context_length": cfg.context_length, "stride": cfg.stride or cfg.context_length,
+            "max_windows": cfg.max_windows, "level": "token", "block_size": data.block_size}
+
+
+def measure(model, cfg: EvaluateConfig, ctx, label: str) -> dict:
+    """All metrics of one model under `cfg`."""
+    data = ctx.data[cfg.data or ctx.data.default()]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and cfg.context_length > limit:
+        raise DscInputError("context_length", f"{cfg.context_length} exceeds the model's max_position_embeddings "
+                            f"({limit}): lower it")
+    stream = data.stream(cfg.split)
+    bar = Progress(f"perplexity ({label})", 0, ctx.log)
+    ppl = perplexity(model, stream, cfg.context_length, cfg.stride or cfg.context_length, cfg.batch_size,
+                     cfg.max_windows, progress=bar.update)
+    bar.close()
+    out = {**ppl, "protocol": protocol(cfg, data), **param_counts(model), "weight_bytes": weight_bytes(model)}
+    if cfg.speed:
+        s = speed(model, model.config.vocab_size, cfg.speed_batch_size, cfg.prompt_length, cfg.decode_tokens,
+                  cfg.repeats, seed=ctx.seed)
+        out.update(s, peak_memory_bytes=out["weight_bytes"] + s["activation_peak_bytes"])
+    ctx.log.info("%s: perplexity %.4f over %d tokens", label, out["perplexity"], out["tokens_scored"],
+                 extra={"event": "metric", "model": label, "perplexity": out["perplexity"]})
+    return out
+
+
+def apply(model, cfg: EvaluateConfig, ctx) -> StageOutput:
+    metrics = {"model": measure(model, cfg, ctx, "model")}
+    if cfg.teacher:
+        key = hash_json([cfg.model_dump(exclude={"teacher"}), metrics["model"]["protocol"]])
+        if ctx.teacher_is(model):  # nothing changed the model yet: it is the teacher
+            metrics["teacher"] = ctx.baseline(key, lambda: metrics["model"])
+        else:
+            metrics["teacher"] = ctx.baseline(key, lambda: measure(ctx.teacher(), cfg, ctx, "teacher"))
+    return StageOutput(model, metrics)

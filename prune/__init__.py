@@ -1,0 +1,1 @@
+"""dsc.prune — structured pruning (heads, MLP channels, layers, MoE experts). Stages land here."""
