@@ -48,5 +48,8 @@ class RunInterrupted(DscError):
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' did you mean X?' when a close match exists, else ''."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    choices = list(choices)
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not match and len(word) >= 3:  # a truncated name: `save` for `save_model`
+        match = [c for c in choices if c.startswith(word)][:1]
     return f"; did you mean {match[0]}?" if match else ""

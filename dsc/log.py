@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -34,10 +35,12 @@ def setup_logging(fmt: str = "text", level: str = "info") -> logging.Logger:
     logger.setLevel(level.upper())
     logger.propagate = False
     if fmt == "json" or not sys.stderr.isatty():
-        # transformers draws its own bars (GGUF dequantization, weight loading): not in job logs
+        # transformers draws its own bars (weight loading, and plain tqdm for GGUF dequantization):
+        # none of them belong in a job's log. The CLI owns this process, so it may set these.
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        os.environ.setdefault("TQDM_DISABLE", "1")
     return logger
 
 

@@ -120,8 +120,7 @@ def _plain_copy(model):
     for attr in ("quantization_config",):
         if hasattr(config, attr):
             delattr(config, attr)
-    with torch.device("meta"):
-        fresh = type(model)(config)
+    fresh = type(model)(config)  # built for real: non-persistent buffers (RoPE) need values
     fresh.load_state_dict(model.state_dict(), assign=True)
     fresh.tie_weights()
     fresh.generation_config = model.generation_config

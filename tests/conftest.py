@@ -1,0 +1,96 @@
+"""Tiny seeded models built from configs (Llama, Qwen2) with a tokenizer trained in-process,
+and paths to the real models in ../shared (tests that need them skip where it is absent)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DSC_SHARED", ROOT.parent / "shared"))
+STORIES = SHARED / "models" / "stories260K"
+
+CORPUS = [
+    "Once upon a time there was a little cat who liked to play in the garden.",
+    "The sun was warm and the sky was blue, so the children went to the park.",
+    "A small dog found a big red ball and ran to show it to his friend.",
+    "She opened the old book and read a story about a brave knight and a dragon.",
+] * 8
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences: real merges, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def make_model(family: str, vocab_size: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0,
+                  eos_token_id=1)
+    config = {"llama": LlamaConfig(**common), "qwen2": Qwen2Config(**common, tie_word_embeddings=False)}[family]
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_dir(request, tmp_path_factory, tokenizer) -> Path:
+    """A saved tiny model directory (safetensors + config + tokenizer), per family."""
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    make_model(request.param, len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    if not (STORIES / "config.json").is_file():
+        pytest.skip(f"{STORIES} is absent (../shared not beside this checkout)")
+    return STORIES
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS * 4), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's ~/.cache/dsc from tests."""
+    monkeypatch.setenv("DSC_CACHE_DIR", str(tmp_path / "dsc-cache"))
+
+
+def run_cli(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """`dsc ...` in a subprocess, as a user or a job runs it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dsc.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=full_env)
