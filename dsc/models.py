@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,9 @@ def load_model(source: Source, ref: ModelRef, field: str = "teacher.path"):
             model = AutoModelForCausalLM.from_pretrained(source.location, revision=ref.revision, **kwargs)
     except ImportError as exc:
         raise DscInputError(field, f"loading {source.location} needs a missing package: {exc}") from exc
+    except pickle.UnpicklingError as exc:
+        raise DscInputError(field, f"{source.location} holds a pickled checkpoint with objects beyond plain tensors; "
+                            "dsc does not unpickle code: convert it to safetensors first") from exc
     except (OSError, ValueError, KeyError) as exc:
         hint = " (no network? point it at a local directory)" if source.kind == "hub" else ""
         raise DscInputError(field, f"cannot load {source.location!r} as a causal LM: {exc}{hint}") from exc

@@ -42,7 +42,7 @@ def make_model(family: str, vocab_size: int, seed: int = 0):
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0,
                   eos_token_id=1)
-    config = {"llama": LlamaConfig(**common), "qwen2": Qwen2Config(**common, tie_word_embeddings=False)}[family]
+    config = {"llama": LlamaConfig(**common, tie_word_embeddings=True), "qwen2": Qwen2Config(**common, tie_word_embeddings=False)}[family]
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 
