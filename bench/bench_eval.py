@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import platform
 import statistics
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF dequantization bars would bury the table
 
 from dsc.data.pipeline import tokenize_documents
 from dsc.evaluation import perplexity, windows

@@ -77,11 +77,13 @@ class Context:
 
     @classmethod
     def create(cls, tokenizer, data: dict[str, Any] | None = None, teacher=None, *, seed: int = 0,
-               device: str = "auto", cache_dir: str | Path | None = None, base_dir: str | Path = ".") -> "Context":
+               device: str = "auto", cache_dir: str | Path | None = None, base_dir: str | Path = ".",
+               log: logging.Logger | None = None) -> "Context":
         """For notebooks: a context around models already in memory."""
-        ctx = cls(tokenizer=tokenizer, data=None, device=pick_device(device), seed=seed, _teacher=teacher)
+        log = log or logging.getLogger("dsc")
+        ctx = cls(tokenizer=tokenizer, data=None, device=pick_device(device), seed=seed, log=log, _teacher=teacher)
         ctx.data = DataStore(data or {}, tokenizer, Path(base_dir), Path(cache_dir) if cache_dir else None, seed,
-                             teacher=ctx.teacher)
+                             teacher=ctx.teacher, log=log)
         return ctx
 
     def teacher(self):

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from dsc.config import Config
-from dsc.context import Context
+from dsc.context import Context, pick_device
 from dsc.data.sources import JsonlSource, ParquetSource, TeacherSource, TextSource
 from dsc.errors import DscInputError
 from dsc.models import ModelRef, load_model, load_tokenizer, resolve
@@ -44,9 +44,10 @@ def evaluate_model_cli(args, log) -> dict:
     ref = ModelRef(path=args.model, trust_remote_code=args.trust_remote_code)
     source = resolve(ref, Path.cwd(), field="model")
     tokenizer = load_tokenizer(source, ref, field="model")
+    device = pick_device(args.device)
+    model = load_model(source, ref, field="model").to(device)
     cache = Path(os.environ.get("DSC_CACHE_DIR", Path.home() / ".cache" / "dsc"))
-    ctx = Context.create(tokenizer, {"data": data_source(args)}, device=args.device, cache_dir=cache)
-    model = load_model(source, ref, field="model").to(ctx.device)
-    ctx._teacher = model  # generated data is sampled from the model being evaluated
-    ctx.log = ctx.data.log = log
+    # 'generated' data is sampled from the model being evaluated: it is its own teacher here
+    ctx = Context.create(tokenizer, {"data": data_source(args)}, teacher=model, device=str(device),
+                         cache_dir=cache, log=log)
     return measure(model, cfg, ctx, Path(args.model).name)

@@ -34,13 +34,18 @@ def setup_logging(fmt: str = "text", level: str = "info") -> logging.Logger:
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
+    from transformers.utils import logging as hf_logging
+
     if fmt == "json" or not sys.stderr.isatty():
         # transformers draws its own bars (weight loading, and plain tqdm for GGUF dequantization):
         # none of them belong in a job's log. The CLI owns this process, so it may set these.
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
         os.environ.setdefault("TQDM_DISABLE", "1")
+    if fmt == "json":  # third-party warnings become JSON lines too
+        hf_logging.disable_default_handler()
+        hf_logging.add_handler(handler)
+        logging.captureWarnings(True)
+        logging.getLogger("py.warnings").addHandler(handler)
     return logger
 
 

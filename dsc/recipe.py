@@ -20,7 +20,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from dsc.config import Config
-from dsc.data.sources import SOURCE_CLASSES, TeacherSource, check_exists
+from dsc.data.sources import SOURCE_CLASSES, check_exists
 from dsc.errors import DscInputError, RecipeError, did_you_mean
 from dsc.models import ModelRef, resolve
 from dsc.registry import STAGES
@@ -63,9 +63,6 @@ class Recipe:
             "device": self.device,
             "cache_dir": self.cache_dir,
         }
-
-    def default_data(self) -> str:
-        return next(iter(self.data))
 
 
 class _Top(Config):
@@ -200,13 +197,10 @@ def _cross_stage(stages: tuple[StageSpec, ...], data: dict[str, Any]) -> None:
                                           f"{did_you_mean(name, data)} (defined: {', '.join(data)})"))
             continue
         split = getattr(spec.config, "split", None)
-        source = data[name] if name is not None else next(iter(data.values()))
-        if split not in (None, "all") and source.splits.get(split, 0) == 0:
-            problems.append(DscInputError(f"{spec.path}.split", f"source {name or next(iter(data))!r} gives split "
+        name = name or next(iter(data))  # stages default to the first source
+        if split not in (None, "all") and data[name].splits.get(split, 0) == 0:
+            problems.append(DscInputError(f"{spec.path}.split", f"source {name!r} gives split "
                                           f"{split!r} no blocks: add it to that source's `splits` or use split: all"))
     if problems:
         raise RecipeError(problems)
 
-
-def uses_teacher_data(recipe: Recipe) -> bool:
-    return any(isinstance(s, TeacherSource) for s in recipe.data.values())

@@ -69,8 +69,9 @@ def write_report(run: Path, html_too: bool = False) -> Path:
     run = Path(run)
     metrics = read_json(run / "metrics.json")
     lines = [f"# dsc report: {run.name}", ""]
-    lines += ["## Stages", "", "| # | stage | seconds |", "|---|---|---|"]
-    lines += [f"| {s['index']} | {s['name']} | {s['seconds']:.1f} |" for s in metrics["stages"]]
+    lines += ["## Stages", "", "| # | stage | seconds | checkpoint MB on disk |", "|---|---|---|---|"]
+    lines += [f"| {s['index']} | {s['name']} | {s['seconds']:.1f} | "
+              f"{_fmt(s['metrics'].get('checkpoint_disk_bytes'), 'mb')} |" for s in metrics["stages"]]
     for n, table in enumerate(metrics["evaluations"]):
         lines += ["", f"## Evaluation {n + 1}", "", f"Protocol: {protocol_line(table['protocol'])}.", ""]
         lines += ["| model | " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]

@@ -15,6 +15,7 @@ from dsc import __version__
 from dsc.context import Context, DataStore, pick_device
 from dsc.data.sources import source_fingerprint
 from dsc.errors import DscInputError, RunInterrupted
+from dsc.evaluation import disk_bytes
 from dsc.fingerprint import hash_json, write_json, write_text
 from dsc.models import fingerprint as model_fingerprint, load_checkpoint, load_model, load_tokenizer, replace_dir, \
     resolve, save_model
@@ -143,9 +144,11 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ctx
     except DscInputError as exc:  # the stage names a field of its own config: prefix its recipe path
         raise DscInputError(f"{spec.path}.{exc.path}" if exc.path else spec.path, exc.message) from exc
     seconds = time.perf_counter() - t0
+    metrics = dict(result.metrics)
     if stage.changes_model:
         save_model(result.model, ctx.tokenizer, tmp / "model")
-    write_json(tmp / "metrics.json", result.metrics)
+        metrics["checkpoint_disk_bytes"] = disk_bytes(tmp / "model")
+    write_json(tmp / "metrics.json", metrics)
     write_json(tmp / "stage.json", {"index": i, "name": spec.name, "config": spec.config.model_dump(),
                                     "fingerprint": fingerprint, "seconds": round(seconds, 3),
                                     "changes_model": stage.changes_model,
