@@ -45,14 +45,16 @@ def perplexity(model, stream: torch.Tensor, context_length: int, stride: int, ba
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
             ids = torch.stack([stream[b:e] for b, e, _ in chunk]).to(device)  # (B, T)
-            labels = ids.clone()
+            # targets[t] = ids[t + 1]; context tokens (already scored) and the last slot are ignored.
+            # Shifting the labels, not the logits, keeps the (B, T, V) logits a view: no copy.
+            targets = torch.full_like(ids, -100)
+            targets[:, :-1] = ids[:, 1:]
             for row, (_, _, n_new) in enumerate(chunk):
-                labels[row, : length - n_new] = -100  # context only: already scored
+                targets[row, : max(length - n_new - 1, 0)] = -100
             logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-            shift_labels = labels[:, 1:].reshape(-1)
-            nll += F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum").item()
-            count += int((shift_labels != -100).sum())
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100, reduction="sum").item()
+            count += int((targets != -100).sum())
             done += len(chunk)
             if progress:
                 progress(done, len(wins))
