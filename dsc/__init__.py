@@ -29,6 +29,10 @@ def apply_stage(name: str, model, config, ctx: Context):
         raise DscInputError("stage", f"unknown stage {name!r}{did_you_mean(name, STAGES)}")
     if isinstance(config, dict):
         config = STAGES[name].config.parse(config, name)
+    if STAGES[name].changes_model and ctx.teacher_is(model):
+        import copy
+
+        model = copy.deepcopy(model)  # stages may edit in place; the context's teacher stays intact
     return STAGES[name].apply(model, config, ctx)
 
 

@@ -6,6 +6,7 @@ a notebook builds one with `Context.create(...)` around models it already holds.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,8 +16,15 @@ import torch
 from dsc.data.pipeline import TokenData, prepare, sample_from_teacher
 from dsc.data.sources import TeacherSource
 from dsc.errors import DscInputError, did_you_mean
-from dsc.fingerprint import read_json, write_json
+from dsc.fingerprint import read_json, weights_fingerprint, write_json
 from dsc.log import Progress
+
+
+def default_cache_dir(configured: str | None = None, base_dir: Path = Path(".")) -> Path:
+    """The shared token cache: the recipe's `cache_dir`, else $DSC_CACHE_DIR, else ~/.cache/dsc."""
+    if configured:
+        return (Path(base_dir) / configured).resolve()
+    return Path(os.environ.get("DSC_CACHE_DIR", Path.home() / ".cache" / "dsc"))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -34,9 +42,9 @@ class DataStore:
     sources: dict[str, Any]
     tokenizer: Any
     base_dir: Path = Path(".")
-    cache_dir: Path | None = None
+    cache_dirs: tuple[Path, ...] = ()  # looked up in order; a new stream is written to each
     seed: int = 0
-    teacher_fp: str = ""
+    teacher_fp: str = ""  # identifies the teacher in the cache key of sampled data
     teacher: Callable[[], Any] | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("dsc"))
     _ready: dict[str, TokenData] = field(default_factory=dict)
@@ -45,9 +53,11 @@ class DataStore:
         if name not in self._ready:
             if name not in self.sources:
                 raise DscInputError("data", f"unknown data source {name!r}{did_you_mean(name, self.sources)}")
-            self._ready[name] = prepare(name, self.sources[name], self.tokenizer, base_dir=self.base_dir,
-                                        cache_dir=self.cache_dir, seed=self.seed, teacher_fp=self.teacher_fp,
-                                        generate=self._generate)
+            src = self.sources[name]
+            if isinstance(src, TeacherSource) and not self.teacher_fp and self.teacher is not None:
+                self.teacher_fp = weights_fingerprint(self.teacher())  # an in-memory teacher (notebooks)
+            self._ready[name] = prepare(name, src, self.tokenizer, base_dir=self.base_dir, cache_dirs=self.cache_dirs,
+                                        seed=self.seed, teacher_fp=self.teacher_fp, generate=self._generate)
         return self._ready[name]
 
     def default(self) -> str:
@@ -82,8 +92,9 @@ class Context:
         """For notebooks: a context around models already in memory."""
         log = log or logging.getLogger("dsc")
         ctx = cls(tokenizer=tokenizer, data=None, device=pick_device(device), seed=seed, log=log, _teacher=teacher)
-        ctx.data = DataStore(data or {}, tokenizer, Path(base_dir), Path(cache_dir) if cache_dir else None, seed,
-                             teacher=ctx.teacher, log=log)
+        caches = (Path(cache_dir),) if cache_dir else ()
+        ctx.data = DataStore(data or {}, tokenizer, Path(base_dir), caches, seed,
+                             teacher=ctx.teacher if teacher is not None else None, log=log)
         return ctx
 
     def teacher(self):

@@ -33,13 +33,29 @@ class DscInputError(DscError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
+class FieldError(DscInputError):
+    """Raised by a stage about one of its own config fields; the runner prefixes the stage's
+    recipe path (`context_length` → `stages[2].evaluate.context_length`)."""
+
+
 class RecipeError(DscInputError):
     """Several validation problems at once, so a user fixes a recipe in one pass."""
 
     def __init__(self, problems: list[DscInputError]):
         self.problems = problems
-        lines = [str(p) for p in problems]
-        Exception.__init__(self, "\n".join(lines))
+        super().__init__("", "\n".join(str(p) for p in problems))
+
+
+def gather(problems: list[DscInputError], fn, *args):
+    """Call fn; on input errors, add them to `problems` and return None (validate everything,
+    then report everything)."""
+    try:
+        return fn(*args)
+    except RecipeError as exc:
+        problems.extend(exc.problems)
+    except DscInputError as exc:
+        problems.append(exc)
+    return None
 
 
 class RunInterrupted(DscError):

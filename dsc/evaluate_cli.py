@@ -1,11 +1,10 @@
 """`dsc eval MODEL`: the evaluate stage on one model, outside a recipe."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from dsc.config import Config
-from dsc.context import Context, pick_device
+from dsc.context import Context, default_cache_dir, pick_device
 from dsc.data.sources import JsonlSource, ParquetSource, TeacherSource, TextSource
 from dsc.errors import DscInputError
 from dsc.models import ModelRef, load_model, load_tokenizer, resolve
@@ -46,7 +45,7 @@ def evaluate_model_cli(args, log) -> dict:
     tokenizer = load_tokenizer(source, ref, field="model")
     device = pick_device(args.device)
     model = load_model(source, ref, field="model").to(device)
-    cache = Path(os.environ.get("DSC_CACHE_DIR", Path.home() / ".cache" / "dsc"))
+    cache = default_cache_dir()
     # 'generated' data is sampled from the model being evaluated: it is its own teacher here
     ctx = Context.create(tokenizer, {"data": data_source(args)}, teacher=model, device=str(device),
                          cache_dir=cache, log=log)

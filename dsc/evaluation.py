@@ -4,6 +4,7 @@ and the benchmarks, so the teacher and every Lite model are measured by the same
 from __future__ import annotations
 
 import ctypes
+import inspect
 import math
 import statistics
 import time
@@ -14,8 +15,12 @@ import torch.nn.functional as F
 
 
 def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding windows (begin, end, n_new): each scores the tokens after the previous window's
-    end, with up to `context_length` tokens of context (the transformers perplexity guide)."""
+    """Sliding windows (begin, end, n_new) as in the transformers perplexity guide: a window
+    covers the `n_new` tokens after the previous window's end, with context before them.
+
+    A token is scored from the tokens before it in its window, so the first token of a window
+    with no context (every window when stride == context_length) is not scored: a stream of N
+    tokens in W such windows scores N - W tokens. `perplexity` reports the exact count."""
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + context_length, n_tokens)
@@ -152,11 +157,13 @@ def speed(model, vocab_size: int, batch_size: int, prompt_length: int, decode_to
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch_size, prompt_length), generator=gen).to(device)
     prefill, decode = [], []
+    # Generation needs only the last position's logits: skip the (B, T, V) tensor where supported.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with PeakMemory(device) as mem:
         for rep in range(repeats + 1):  # rep 0 warms up kernels and allocator
             _sync(device)
             t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, **keep)
             _sync(device)
             t1 = time.perf_counter()
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -168,6 +175,7 @@ def speed(model, vocab_size: int, batch_size: int, prompt_length: int, decode_to
             if rep:
                 prefill.append(t1 - t0)
                 decode.append(t2 - t1)
+            del out, past, token  # the next repeat must not count this one's KV cache
     return {
         "prefill_tokens_per_s": batch_size * prompt_length / statistics.median(prefill),
         "decode_tokens_per_s": batch_size * decode_tokens / statistics.median(decode) if decode_tokens else None,

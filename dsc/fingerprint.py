@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
+
 CHUNK = 1 << 20
 
 
@@ -32,6 +34,16 @@ def hash_files(paths: Iterable[Path]) -> str:
         with open(path, "rb") as fh:
             while chunk := fh.read(CHUNK):
                 h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 over a model's state dict (names, dtypes, bytes): identifies in-memory weights."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 
 from dsc.config import Config
 from dsc.data.sources import SOURCE_CLASSES, check_exists
-from dsc.errors import DscInputError, RecipeError, did_you_mean
+from dsc.errors import DscInputError, RecipeError, did_you_mean, gather
 from dsc.models import ModelRef, resolve
 from dsc.registry import STAGES
 
@@ -66,7 +66,7 @@ class Recipe:
 
 
 class _Top(Config):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     device: str = "auto"
     cache_dir: str | None = None
 
@@ -87,8 +87,9 @@ def load_recipe(path: str | Path, output: str | None = None) -> Recipe:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise DscInputError("recipe", f"{path} is not valid YAML: {exc}") from None
-    if output is not None:
-        raw = dict(raw or {}, output=str(Path(output).resolve()))
+    if output is not None:  # the CLI's -o replaces the directory, keeps the other output fields
+        kept = raw.get("output") if isinstance(raw, dict) and isinstance(raw.get("output"), dict) else {}
+        raw = dict(raw or {}, output={**kept, "dir": str(Path(output).resolve())})
     return validate(raw, base_dir=path.resolve().parent, default_output=f"runs/{path.stem}")
 
 
@@ -97,27 +98,18 @@ def validate(raw: Any, base_dir: Path = Path("."), default_output: str | None = 
     if not isinstance(raw, dict):
         raise DscInputError("recipe", f"must be a mapping with keys {', '.join(TOP_LEVEL)}, got {type(raw).__name__}")
     problems: list[DscInputError] = []
-
-    def collect(fn, *args):
-        try:
-            return fn(*args)
-        except RecipeError as exc:
-            problems.extend(exc.problems)
-        except DscInputError as exc:
-            problems.append(exc)
-        return None
-
     known = ", ".join(TOP_LEVEL)
     for key in raw:
         if key not in TOP_LEVEL:
-            problems.append(DscInputError(str(key), f"unknown top-level key{did_you_mean(str(key), TOP_LEVEL) or f' (known: {known})'}"))
-    top = collect(_Top.parse, {k: raw[k] for k in ("seed", "device", "cache_dir") if k in raw}, "")
-    teacher = collect(_teacher, raw.get("teacher", "default"), base_dir)
-    data = collect(_data, raw.get("data"), base_dir) or {}
-    stages = collect(_stages, raw.get("stages")) or ()
-    output = collect(_output, raw.get("output", default_output))
+            hint = did_you_mean(str(key), TOP_LEVEL) or f" (known: {known})"
+            problems.append(DscInputError(str(key), f"unknown top-level key{hint}"))
+    top = gather(problems, _Top.parse, {k: raw[k] for k in ("seed", "device", "cache_dir") if k in raw}, "")
+    teacher = gather(problems, _teacher, raw.get("teacher", "default"), base_dir)
+    data = gather(problems, _data, raw.get("data"), base_dir) or {}
+    stages = gather(problems, _stages, raw.get("stages")) or ()
+    output = gather(problems, _output, raw.get("output", default_output))
     if data and stages:
-        collect(_cross_stage, stages, data)
+        gather(problems, _cross_stage, stages, data, _position_limit(teacher, base_dir))
     if problems:
         raise RecipeError(problems)
     return Recipe(teacher=teacher, data=data, stages=stages, output=output, seed=top.seed, device=top.device,
@@ -137,18 +129,14 @@ def _data(raw: Any, base_dir: Path) -> dict[str, Any]:
     out, problems = {}, []
     for name, spec in raw.items():
         where = f"data.{name}"
-        if not isinstance(spec, dict) or spec.get("type") not in SOURCE_CLASSES:
-            got = spec.get("type") if isinstance(spec, dict) else spec
-            hint = did_you_mean(str(got), SOURCE_CLASSES) if isinstance(got, str) else ""
-            problems.append(DscInputError(f"{where}.type", f"must be one of {', '.join(SOURCE_CLASSES)}, got {got!r}{hint}"))
+        kind = spec.get("type") if isinstance(spec, dict) else spec
+        if not isinstance(kind, str) or kind not in SOURCE_CLASSES:
+            hint = did_you_mean(kind, SOURCE_CLASSES) if isinstance(kind, str) else ""
+            problems.append(DscInputError(f"{where}.type", f"must be one of {', '.join(SOURCE_CLASSES)}, got {kind!r}{hint}"))
             continue
-        try:
-            out[name] = SOURCE_CLASSES[spec["type"]].parse(spec, where)
-            check_exists(out[name], base_dir, where)
-        except RecipeError as exc:
-            problems.extend(exc.problems)
-        except DscInputError as exc:
-            problems.append(exc)
+        src = gather(problems, SOURCE_CLASSES[kind].parse, spec, where)
+        if src is not None and gather(problems, check_exists, src, base_dir, where) is None:
+            out[name] = src
     if problems:
         raise RecipeError(problems)
     return out
@@ -160,8 +148,7 @@ def _stages(raw: Any) -> tuple[StageSpec, ...]:
     specs, problems = [], []
     for i, entry in enumerate(raw):
         where = f"stages[{i}]"
-        if isinstance(entry, str):
-            entry = {entry: {}}
+        entry = {entry: {}} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or len(entry) != 1:
             problems.append(DscInputError(where, f"must be a mapping with one stage name, like {{evaluate: {{...}}}}, got {entry!r}"))
             continue
@@ -170,12 +157,9 @@ def _stages(raw: Any) -> tuple[StageSpec, ...]:
             problems.append(DscInputError(where, f"unknown stage {name!r}{did_you_mean(str(name), STAGES)} "
                                                  f"(stages: {', '.join(STAGES)})"))
             continue
-        try:
-            specs.append(StageSpec(name, STAGES[name].config.parse(cfg, f"{where}.{name}"), f"{where}.{name}"))
-        except RecipeError as exc:
-            problems.extend(exc.problems)
-        except DscInputError as exc:
-            problems.append(exc)
+        config = gather(problems, STAGES[name].config.parse, cfg, f"{where}.{name}")
+        if config is not None:
+            specs.append(StageSpec(name, config, f"{where}.{name}"))
     if problems:
         raise RecipeError(problems)
     return tuple(specs)
@@ -187,20 +171,41 @@ def _output(raw: Any) -> Output:
     return Output.parse({"dir": raw} if isinstance(raw, str) else raw, "output")
 
 
-def _cross_stage(stages: tuple[StageSpec, ...], data: dict[str, Any]) -> None:
-    """Rules that span sections: a stage's data source must exist and have the split it reads."""
+def _position_limit(teacher: ModelRef | None, base_dir: Path) -> int | None:
+    """max_position_embeddings from a local teacher's config.json, read without loading it."""
+    import json
+
+    try:
+        source = resolve(teacher, base_dir) if teacher else None
+        if source is not None and source.kind == "dir":
+            return json.loads((Path(source.location) / "config.json").read_text()).get("max_position_embeddings")
+    except (DscInputError, OSError, ValueError):
+        pass
+    return None
+
+
+def _cross_stage(stages: tuple[StageSpec, ...], data: dict[str, Any], limit: int | None) -> None:
+    """Rules that span sections: a stage's data source must exist and have the split it reads,
+    and its windows must fit the blocks and the model."""
     problems = []
     for spec in stages:
-        name = getattr(spec.config, "data", None)
+        cfg, where = spec.config, spec.path
+        name = getattr(cfg, "data", None)
         if name is not None and name not in data:
-            problems.append(DscInputError(f"{spec.path}.data", f"unknown data source {name!r}"
+            problems.append(DscInputError(f"{where}.data", f"unknown data source {name!r}"
                                           f"{did_you_mean(name, data)} (defined: {', '.join(data)})"))
             continue
-        split = getattr(spec.config, "split", None)
         name = name or next(iter(data))  # stages default to the first source
+        split, length = getattr(cfg, "split", None), getattr(cfg, "context_length", None)
         if split not in (None, "all") and data[name].splits.get(split, 0) == 0:
-            problems.append(DscInputError(f"{spec.path}.split", f"source {name!r} gives split "
-                                          f"{split!r} no blocks: add it to that source's `splits` or use split: all"))
+            problems.append(DscInputError(f"{where}.split", f"source {name!r} gives split {split!r} no blocks: "
+                                          "add it to that source's `splits` or use split: all"))
+        if length and split not in (None, "all") and length > data[name].block_size:
+            problems.append(DscInputError(f"{where}.context_length", f"{length} > data.{name}.block_size "
+                                          f"({data[name].block_size}): windows would join blocks that are not adjacent "
+                                          "in the text; raise block_size or use split: all"))
+        if length and limit and length > limit:
+            problems.append(DscInputError(f"{where}.context_length", f"{length} exceeds the teacher's "
+                                          f"max_position_embeddings ({limit}): lower it"))
     if problems:
         raise RecipeError(problems)
-

@@ -61,7 +61,7 @@ def _fmt(value, fmt: str) -> str:
 
 def protocol_line(p: dict) -> str:
     windows = f", first {p['max_windows']} windows" if p.get("max_windows") else ""
-    return (f"data `{p['dataset']}` ({p['data_fingerprint']}), split `{p['split']}`, context {p['context_length']}, "
+    return (f"data `{p['dataset']}` (tokens {p['tokens']}), split `{p['split']}`, context {p['context_length']}, "
             f"stride {p['stride']}{windows}, {p['level']}-level")
 
 
@@ -89,12 +89,12 @@ def _plot(table: dict, path: Path) -> bool:
     rows = [r for r in table["rows"] if r["weight_bytes"] and r["perplexity"]]
     if not rows:
         return False
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))  # no pyplot: the caller's backend (a notebook's) stays as it was
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for r in rows:
         ax.scatter(r["weight_bytes"] / 1e6, r["perplexity"], color="C1" if r["label"] == "teacher" else "C0")
         ax.annotate(r["label"], (r["weight_bytes"] / 1e6, r["perplexity"]), fontsize=7)
@@ -104,7 +104,6 @@ def _plot(table: dict, path: Path) -> bool:
     fig.tight_layout()
     tmp = path.with_name(f".tmp-{path.name}")
     fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
     tmp.replace(path)
     return True
 

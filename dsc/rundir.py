@@ -29,6 +29,7 @@ class RunDir:
         self.stages = self.path / "stages"
         self.baseline = self.path / "baseline"
         self.model = self.path / "model"
+        self.data = self.path / "data"
         self._lock = None
 
     def acquire(self) -> None:
@@ -64,19 +65,20 @@ class RunDir:
 
     def clear(self) -> None:
         """--fresh: remove everything a previous run wrote (the lock stays held)."""
-        for name in ("stages", "baseline", "model"):
+        for name in ("stages", "baseline", "model", "data"):
             shutil.rmtree(self.path / name, ignore_errors=True)
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
 
     def remove_partial(self) -> None:
         """Drop temporaries a killed run left behind."""
-        for parent in (self.path, self.stages):
+        for parent in (self.path, self.stages, self.baseline, self.data / "tokens"):
             if parent.is_dir():
-                for p in parent.glob(".tmp-*"):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                for p in parent.glob(".old-*"):
-                    shutil.rmtree(p, ignore_errors=True)
+                for p in [*parent.glob(".tmp-*"), *parent.glob(".old-*"), *parent.glob(".*.tmp-*")]:
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
 
     def stage_dir(self, index: int, name: str) -> Path:
         return self.stages / f"{index:02d}-{name}"
@@ -98,6 +100,9 @@ class RunDir:
         """Index of the first stage to run. Refuses when finished work came from another recipe."""
         done = self.finished()
         manifest = read_json(self.path / "manifest.json") if (self.path / "manifest.json").is_file() else None
+        if not done:  # nothing finished, nothing to lose: start clean under the new inputs
+            self.clear()
+            return 0
         if manifest and manifest["fingerprints"]["root"] != root["root"]:
             changed = [k for k in ("teacher", "data", "seed") if manifest["fingerprints"].get(k) != root.get(k)]
             self._refuse(f"the {' and '.join(changed) or 'inputs'} changed since this run started")

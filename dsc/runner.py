@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import shutil
 import time
@@ -12,23 +11,17 @@ from pathlib import Path
 import yaml
 
 from dsc import __version__
-from dsc.context import Context, DataStore, pick_device
+from dsc.context import Context, DataStore, default_cache_dir, pick_device
 from dsc.data.sources import source_fingerprint
-from dsc.errors import DscInputError, RunInterrupted
+from dsc.errors import DscInputError, FieldError, RunInterrupted
 from dsc.evaluation import disk_bytes
-from dsc.fingerprint import hash_json, write_json, write_text
+from dsc.fingerprint import hash_json, read_json, write_json, write_text
 from dsc.models import fingerprint as model_fingerprint, load_checkpoint, load_model, load_tokenizer, replace_dir, \
     resolve, save_model
 from dsc.recipe import Recipe
 from dsc.registry import STAGES
 from dsc.report import collect_metrics, write_report
 from dsc.rundir import RunDir
-
-
-def default_cache_dir(recipe: Recipe) -> Path:
-    if recipe.cache_dir:
-        return (recipe.base_dir / recipe.cache_dir).resolve()
-    return Path(os.environ.get("DSC_CACHE_DIR", Path.home() / ".cache" / "dsc"))
 
 
 def fingerprints(recipe: Recipe) -> tuple[dict, list[str]]:
@@ -46,16 +39,29 @@ def fingerprints(recipe: Recipe) -> tuple[dict, list[str]]:
     return root, chain
 
 
-def manifest(recipe: Recipe, root: dict) -> dict:
+def versions() -> dict:
     import torch
     import transformers
 
-    return {
-        "versions": {"dsc": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return {"dsc": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def update_manifest(out: RunDir, recipe: Recipe, root: dict, start: int, log) -> None:
+    """manifest.json keeps the first run's facts and appends one entry per (re)start."""
+    path = out.path / "manifest.json"
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    old = read_json(path) if path.is_file() and start else None
+    if old and old["versions"] != versions():
+        log.warning("resuming with other versions than the finished stages used: %s -> %s", old["versions"],
+                    versions(), extra={"event": "version_change"})
+    manifest = {
+        "versions": versions(),
+        "created": old["created"] if old else now,
         "fingerprints": {**root, "recipe": hash_json({k: v for k, v in recipe.to_dict().items() if k != "output"})},
+        "starts": (old.get("starts", []) if old else []) + [{"at": now, "from_stage": start, "versions": versions()}],
     }
+    write_json(path, manifest)
 
 
 def run_recipe(recipe: Recipe, output: str | Path | None = None, fresh: bool = False,
@@ -71,7 +77,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, fresh: bool = F
         start = out.check_resume(chain, [s.name for s in recipe.stages],
                                  [s.config.model_dump() for s in recipe.stages], root)
         write_text(out.path / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        write_json(out.path / "manifest.json", manifest(recipe, root))
+        update_manifest(out, recipe, root, start, log)
         if start:
             log.info("resuming %s after %d finished stage(s)", out.path, start, extra={"event": "resume", "start": start})
         try:
@@ -93,8 +99,11 @@ class _Session:
         self.tokenizer = load_tokenizer(self.source, recipe.teacher)
         self.ctx = Context(tokenizer=self.tokenizer, data=None, device=self.device, seed=recipe.seed, log=log,
                            baseline_dir=out.baseline, teacher_loader=self.load_teacher)
-        self.ctx.data = DataStore(recipe.data, self.tokenizer, recipe.base_dir, default_cache_dir(recipe),
-                                  recipe.seed, root["teacher"], teacher=self.ctx.teacher, log=log)
+        # Token streams are kept in OUT/data too: a resumed run reads the very tokens it started with
+        # (teacher samples may differ on other hardware), whatever happened to the shared cache.
+        caches = (out.data, default_cache_dir(recipe.cache_dir, recipe.base_dir))
+        self.ctx.data = DataStore(recipe.data, self.tokenizer, recipe.base_dir, caches, recipe.seed, root["teacher"],
+                                  teacher=self.ctx.teacher, log=log)
 
     def load_teacher(self):
         t0 = time.perf_counter()
@@ -104,31 +113,58 @@ class _Session:
 
     def working_model(self, start: int):
         """The model entering stage `start`: the last finished checkpoint, or the teacher."""
-        for i in range(start - 1, -1, -1):
-            spec = self.recipe.stages[i]
-            if STAGES[spec.name].changes_model:
-                return load_checkpoint(self.out.stage_dir(i, spec.name) / "model", dtype="auto").to(self.device)
-        return self.ctx.teacher()  # shared until a stage changes it (then the teacher reloads)
+        last = last_checkpoint(self.recipe, start)
+        if last is None:
+            return self.ctx.teacher()  # shared until a stage changes it (then the teacher reloads)
+        return self.checkpoint(last)
+
+    def checkpoint(self, i: int):
+        """Load stage i's checkpoint, after checking its files are the ones the stage wrote."""
+        return load_checkpoint(verified_checkpoint(self.out, self.recipe, i), dtype="auto").to(self.device)
+
+
+def verified_checkpoint(out: RunDir, recipe: Recipe, i: int) -> Path:
+    """Stage i's model folder, refused if its files changed (size, mtime) since the stage wrote them."""
+    folder = out.stage_dir(i, recipe.stages[i].name)
+    if file_stats(folder / "model") != read_json(folder / "stage.json")["files"]:
+        raise DscInputError("output", f"{folder / 'model'} changed since stage {i} wrote it: "
+                            "rerun with --fresh (or restore the files)")
+    return folder / "model"
+
+
+def last_checkpoint(recipe: Recipe, end: int) -> int | None:
+    """Index of the last model-changing stage before `end`."""
+    return next((i for i in range(end - 1, -1, -1) if STAGES[recipe.stages[i].name].changes_model), None)
+
+
+def file_stats(folder: Path) -> dict[str, list[int]]:
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root: dict, log) -> None:
     todo = list(range(start, len(recipe.stages)))
-    publish = recipe.output.save_model and (bool(todo) or not (out.model / "dsc_source.json").is_file())
+    last = last_checkpoint(recipe, len(recipe.stages))
+    origin = {"from": "teacher" if last is None else f"stages/{out.stage_dir(last, recipe.stages[last].name).name}",
+              "fingerprint": root["root"] if last is None else chain[last]}
+    marker = out.model / "dsc_source.json"
+    publish = recipe.output.save_model and (not marker.is_file() or read_json(marker) != origin)
+    if not recipe.output.save_model:
+        shutil.rmtree(out.model, ignore_errors=True)  # never leave a model that is not this recipe's
     session = _Session(recipe, out, root, log) if todo or publish else None
     model = session.working_model(start) if todo else None
     for i in todo:
-        model = _run_stage(i, recipe, out, chain[i], model, session.ctx, log)
+        model = _run_stage(i, recipe, out, chain[i], model, session, log)
         write_json(out.path / "metrics.json", collect_metrics(out.path))
         write_report(out.path)
     if publish:
-        _publish_final(recipe, out, model, session)
+        _publish_final(recipe, out, model, session, last, origin)
     write_json(out.path / "metrics.json", collect_metrics(out.path))
     write_report(out.path)
     log.info("done: %s", out.path, extra={"event": "run_done", "output": str(out.path)})
 
 
-def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ctx: Context, log):
-    spec = recipe.stages[i]
+def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, session: _Session, log):
+    spec, ctx = recipe.stages[i], session.ctx
     stage = STAGES[spec.name]
     tmp, final = out.tmp_stage_dir(i, spec.name), out.stage_dir(i, spec.name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -141,44 +177,41 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ctx
     t0 = time.perf_counter()
     try:
         result = stage.apply(model, spec.config, ctx)
-    except DscInputError as exc:  # the stage names a field of its own config: prefix its recipe path
-        raise DscInputError(f"{spec.path}.{exc.path}" if exc.path else spec.path, exc.message) from exc
+    except FieldError as exc:  # the stage names a field of its own config: prefix its recipe path
+        raise DscInputError(f"{spec.path}.{exc.path}", exc.message) from exc
+    finally:
+        ctx.stage_dir = None
     seconds = time.perf_counter() - t0
-    metrics = dict(result.metrics)
+    metrics, info = dict(result.metrics), {"files": None}
     if stage.changes_model:
         save_model(result.model, ctx.tokenizer, tmp / "model")
         metrics["checkpoint_disk_bytes"] = disk_bytes(tmp / "model")
+        info["files"] = file_stats(tmp / "model")
     write_json(tmp / "metrics.json", metrics)
     write_json(tmp / "stage.json", {"index": i, "name": spec.name, "config": spec.config.model_dump(),
-                                    "fingerprint": fingerprint, "seconds": round(seconds, 3),
-                                    "changes_model": stage.changes_model,
+                                    "fingerprint": fingerprint, "seconds": round(seconds, 3), **info,
+                                    "dsc_version": __version__,
                                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     replace_dir(tmp, final)
-    ctx.stage_dir = None
     log.info("stage %d/%d: %s done in %.1fs", i + 1, len(recipe.stages), spec.name, seconds,
              extra={"event": "stage_done", "index": i, "stage": spec.name, "seconds": seconds})
-    return result.model
+    if not stage.changes_model:
+        return result.model
+    # Continue from the checkpoint as saved, not the in-memory object: what later stages see and
+    # measure is exactly what a resumed run (or a user) loads.
+    del result, model
+    return session.checkpoint(i)
 
 
-def _publish_final(recipe: Recipe, out: RunDir, model, session: _Session) -> None:
-    """OUT/model: hard links to the last checkpoint when there is one, else the working model."""
-    last = [i for i, s in enumerate(recipe.stages) if STAGES[s.name].changes_model]
+def _publish_final(recipe: Recipe, out: RunDir, model, session: _Session, last: int | None, origin: dict) -> None:
+    """OUT/model: a copy of the last checkpoint when there is one, else the teacher. A copy, not
+    hard links: a user editing OUT/model in place must not change what a resume starts from."""
     tmp = out.path / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
-    if last:
-        src = out.stage_dir(last[-1], recipe.stages[last[-1]].name) / "model"
-        shutil.copytree(src, tmp, copy_function=_link_or_copy)
-        origin = str(src.relative_to(out.path))
+    if last is not None:
+        shutil.copytree(verified_checkpoint(out, recipe, last), tmp)
     else:
-        model = model if model is not None else session.working_model(len(recipe.stages))
-        save_model(model, session.tokenizer, tmp)
-        origin = "teacher (no stage changed the model)"
-    write_json(tmp / "dsc_source.json", {"from": origin})
+        save_model(model if model is not None else session.working_model(0), session.tokenizer, tmp)
+    write_json(tmp / "dsc_source.json", origin)
     replace_dir(tmp, out.model)
 
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
 
@@ -87,6 +89,27 @@ def text_file(tmp_path) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's ~/.cache/dsc from tests."""
     monkeypatch.setenv("DSC_CACHE_DIR", str(tmp_path / "dsc-cache"))
+
+
+def reference_perplexity(model, stream, ctx_len, stride):
+    """The transformers perplexity guide's loop: labels=-100 on context, loss × scored tokens."""
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(stream), stride):
+        end = min(begin + ctx_len, len(stream))
+        trg = end - prev_end
+        ids = stream[begin:end][None]
+        labels = ids.clone()
+        labels[:, :-trg] = -100
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        nll += loss.item() * n
+        count += n
+        prev_end = end
+        if end == len(stream):
+            break
+    return math.exp(nll / count), count
+
 
 
 def run_cli(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import reference_perplexity, run_cli
 from dsc.errors import DscInputError, ExitCode
 from dsc.models import ModelRef, load_model, resolve
 
@@ -23,9 +23,9 @@ def test_stages_lists_fields_from_config_classes():
 
 
 def test_eval_matches_in_process_measure(llama_dir, text_file, tmp_path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dsc.evaluation import perplexity
+    from dsc.data.pipeline import tokenize_documents
 
     res = run_cli("eval", llama_dir, "--data", text_file, "--set", "context_length=32", "--set", "repeats=1",
                   "--set", "prompt_length=16", "--json", tmp_path / "m.json")
@@ -34,12 +34,11 @@ def test_eval_matches_in_process_measure(llama_dir, text_file, tmp_path):
     assert got == json.loads((tmp_path / "m.json").read_text())
     assert got["protocol"]["context_length"] == 32 and got["protocol"]["split"] == "all"
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    from dsc.data.pipeline import tokenize_documents
-    from transformers import AutoTokenizer
-
     stream = tokenize_documents([text_file.read_text()], AutoTokenizer.from_pretrained(llama_dir), None)
     stream = stream[: len(stream) // 512 * 512]  # whole blocks of the default block_size
-    assert got["perplexity"] == pytest.approx(perplexity(model, stream, 32, 32)["perplexity"], rel=1e-6)
+    ppl, count = reference_perplexity(model, stream, 32, 32)
+    assert got["tokens_scored"] == count
+    assert got["perplexity"] == pytest.approx(ppl, rel=1e-4)
 
 
 def test_eval_bad_input_exit_2(tmp_path, llama_dir):
@@ -66,17 +65,52 @@ def test_json_logs_and_report_html(llama_dir, text_file, tmp_path):
     assert run_cli("report", tmp_path).returncode == ExitCode.BAD_INPUT
 
 
-def test_failure_inside_a_stage_exits_1_and_keeps_finished_stages(llama_dir, text_file, tmp_path):
-    out = tmp_path / "out"
+CRASH = """
+import dataclasses, sys
+from dsc import cli, registry
+def boom(model, cfg, ctx):
+    raise RuntimeError("boom")
+registry.STAGES["evaluate"] = dataclasses.replace(registry.STAGES["evaluate"], apply=boom)
+sys.exit(cli.main(["run", sys.argv[1]]))
+"""
+
+
+def _two_stage_recipe(tmp_path, llama_dir, text_file):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
-        "teacher": str(llama_dir), "output": str(out),
+        "teacher": str(llama_dir), "output": str(tmp_path / "out"),
         "data": {"t": {"type": "text", "path": str(text_file), "block_size": 32, "splits": {"eval": 1.0}}},
-        "stages": [{"cast": {}}, {"evaluate": {"context_length": 2000}}]}))
+        "stages": [{"cast": {}}, {"evaluate": {"context_length": 32, "speed": False}}]}))
+    return recipe
+
+
+def test_crash_exits_1_keeps_finished_stages_and_resumes(llama_dir, text_file, tmp_path):
+    import subprocess
+    import sys
+
+    recipe = _two_stage_recipe(tmp_path, llama_dir, text_file)
+    res = subprocess.run([sys.executable, "-c", CRASH, str(recipe)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == ExitCode.FAILURE and "boom" in res.stderr
+    assert (tmp_path / "out" / "stages" / "00-cast" / "model" / "model.safetensors").is_file()
     res = run_cli("run", recipe)
-    assert res.returncode == ExitCode.BAD_INPUT
-    assert "stages[1].evaluate.context_length: 2000 exceeds" in res.stderr
-    assert (out / "stages" / "00-cast" / "model" / "model.safetensors").is_file()
+    assert res.returncode == 0 and "resuming" in res.stderr
+    assert (tmp_path / "out" / "stages" / "01-evaluate" / "metrics.json").is_file()
+
+
+def test_stage_field_error_names_recipe_path(llama_dir, text_file, tmp_path, monkeypatch):
+    import dataclasses
+
+    from dsc import registry
+    from dsc.errors import FieldError
+    from dsc.recipe import load_recipe
+    from dsc.runner import run_recipe
+
+    def too_long(model, cfg, ctx):
+        raise FieldError("context_length", "too long for this model")
+
+    monkeypatch.setitem(registry.STAGES, "evaluate", dataclasses.replace(registry.STAGES["evaluate"], apply=too_long))
+    with pytest.raises(DscInputError, match=r"^stages\[1\]\.evaluate\.context_length: too long"):
+        run_recipe(load_recipe(_two_stage_recipe(tmp_path, llama_dir, text_file)))
 
 
 def test_model_refs(tmp_path, llama_dir):

@@ -6,30 +6,10 @@ import math
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import make_model, reference_perplexity
 from dsc import Context, TextSource, apply_stage
 from dsc.evaluation import param_counts, perplexity, weight_bytes, windows
 from dsc.stages.evaluate import EvaluateConfig
-
-
-def reference_perplexity(model, stream, ctx_len, stride):
-    """The transformers perplexity guide's loop: labels=-100 on context, loss × scored tokens."""
-    nll, count, prev_end = 0.0, 0, 0
-    for begin in range(0, len(stream), stride):
-        end = min(begin + ctx_len, len(stream))
-        trg = end - prev_end
-        ids = stream[begin:end][None]
-        labels = ids.clone()
-        labels[:, :-trg] = -100
-        with torch.no_grad():
-            loss = model(input_ids=ids, labels=labels).loss
-        n = int((labels[:, 1:] != -100).sum())
-        nll += loss.item() * n
-        count += n
-        prev_end = end
-        if end == len(stream):
-            break
-    return math.exp(nll / count), count
 
 
 @pytest.mark.parametrize("ctx_len,stride,batch", [(64, 64, 1), (64, 64, 3), (64, 16, 2), (50, 50, 4)])
@@ -44,11 +24,16 @@ def test_perplexity_matches_transformers_loss(tiny_dir, ctx_len, stride, batch):
     assert ours["perplexity"] == pytest.approx(ref, rel=1e-4)
 
 
-def test_windows_score_every_token_once():
-    for n, c, s in [(100, 32, 32), (100, 32, 8), (7, 32, 32), (96, 32, 32)]:
-        wins = windows(n, c, s)
-        assert sum(w[2] for w in wins) == n
-        assert all(e - b <= c for b, e, _ in wins)
+@pytest.mark.parametrize("n,ctx_len,stride,scored", [(100, 32, 32, 96), (96, 32, 32, 93), (100, 32, 8, 99),
+                                                     (7, 32, 32, 6)])
+def test_tokens_scored(tokenizer, n, ctx_len, stride, scored):
+    """Each token is scored once, given the tokens before it in its window: a window with no
+    context loses its first token (stride == context), overlapping windows lose only the first."""
+    model = make_model("llama", len(tokenizer))
+    stream = torch.randint(0, len(tokenizer), (n,), generator=torch.Generator().manual_seed(1))
+    assert perplexity(model, stream, ctx_len, stride)["tokens_scored"] == scored
+    wins = windows(n, ctx_len, stride)
+    assert sum(w[2] for w in wins) == n and all(e - b <= ctx_len for b, e, _ in wins)
 
 
 def test_param_counts_tied_and_untied(tokenizer):
@@ -78,6 +63,31 @@ def test_cast_halves_bytes_and_keeps_quality(stories_dir, tmp_path):
     assert after["weight_bytes"] == before["weight_bytes"] // 2 == weight_bytes(lite)
     assert abs(after["perplexity"] / before["perplexity"] - 1) < 0.01
     assert before["perplexity"] < 20  # trained weights read simple English well
+
+
+def test_cast_in_memory_equals_checkpoint(llama_dir, tmp_path, tokenizer):
+    """What the next stage measures is what is saved: RoPE buffers are not cast, weights are."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    ctx = Context.create(tokenizer, {})
+    lite = apply_stage("cast", model, {"dtype": "bfloat16"}, ctx).model
+    lite.save_pretrained(tmp_path / "lite")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "lite", dtype="auto").eval()
+    ids = torch.randint(0, len(tokenizer), (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lite(ids).logits, again(ids).logits)
+    assert lite.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_apply_stage_leaves_the_teacher_alone(llama_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    ctx = Context.create(tokenizer, {}, teacher=teacher)
+    lite = apply_stage("cast", teacher, {"dtype": "float16"}, ctx).model
+    assert lite is not teacher and ctx.teacher() is teacher
+    assert teacher.model.embed_tokens.weight.dtype == torch.float32
 
 
 def test_evaluate_measures_teacher_with_same_protocol(llama_dir, tokenizer, text_file):

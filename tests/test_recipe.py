@@ -47,6 +47,13 @@ BAD = [  # (change to the base recipe, path in the message, words in the message
     ({"data": {"wiki": {"type": "teacher", "splits": {"train": 1.0}}}}, "stages[0].evaluate.split",
      "gives split 'eval' no blocks"),
     ({"output": {"dir": "x", "save": True}}, "output.save", "did you mean save_model"),
+    ({"seed": -1}, "seed", "must be >= 0"),
+    ({"data": {"wiki": {"type": ["text"]}}}, "data.wiki.type", "must be one of"),
+    ({"stages": [{"evaluate": {"context_length": 1024}}]}, "stages[0].evaluate.context_length",
+     "block_size (512): windows would join blocks"),
+    ({"data": {"wiki": {"type": "teacher", "num_sequences": 2, "length": 10}}}, "data.wiki",
+     "22 tokens < block_size (512)"),
+    ({"data": {"wiki": {"type": "text", "path": "x", "max_tokens": 100}}}, "data.wiki", "max_tokens (100) < block_size"),
 ]
 
 
@@ -56,6 +63,22 @@ def test_bad_recipe_names_path_and_fix(tmp_path, text_file, change, path, words)
         validate(base(tmp_path, text_file, **change), base_dir=tmp_path)
     lines = str(info.value).splitlines()
     assert any(line.startswith(path + ":") and words in line for line in lines), lines
+
+
+def test_context_beyond_teacher_positions(tmp_path, text_file):
+    raw = base(tmp_path, text_file, stages=[{"evaluate": {"context_length": 128, "split": "all"}}])
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 64}')
+    with pytest.raises(DscInputError, match=r"stages\[0\]\.evaluate\.context_length: 128 exceeds the teacher's"):
+        validate(raw, base_dir=tmp_path)
+
+
+def test_cli_output_override_keeps_output_fields(tmp_path, text_file):
+    from dsc.recipe import load_recipe
+
+    raw = base(tmp_path, text_file, output={"dir": "a", "save_model": False})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(tmp_path / "r.yaml", output=str(tmp_path / "b"))
+    assert recipe.output.dir == str(tmp_path / "b") and recipe.output.save_model is False
 
 
 def test_all_problems_reported_at_once(tmp_path, text_file):

@@ -47,8 +47,9 @@ def test_run_writes_run_directory(tiny_dir, text_file, tmp_path):
     assert {"teacher", "data", "seed", "recipe"} <= set(manifest["fingerprints"])
     lite = AutoModelForCausalLM.from_pretrained(out / "model", dtype="auto")
     assert lite.dtype == torch.bfloat16
-    ckpt = AutoModelForCausalLM.from_pretrained(out / "stages" / "01-cast" / "model", dtype="auto")
-    assert all(torch.equal(a, b) for a, b in zip(lite.state_dict().values(), ckpt.state_dict().values()))
+    ckpt = out / "stages" / "01-cast" / "model" / "model.safetensors"
+    assert (out / "model" / "model.safetensors").read_bytes() == ckpt.read_bytes()
+    assert not os.path.samefile(out / "model" / "model.safetensors", ckpt)  # a copy: editing it spares resume
     report = (out / "report.md").read_text()
     assert "| teacher |" in report and "after cast" in report and "context 32" in report
     metrics = json.loads((out / "metrics.json").read_text())
@@ -138,3 +139,33 @@ def test_sigterm_exits_3_and_resumes(llama_dir, text_file, tmp_path):
     events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert events and events[-1]["exit_code"] == 3
     assert not list((out / "stages").glob(".tmp-*"))
+    stamp = (out / "stages" / "00-cast" / "stage.json").stat().st_mtime_ns
+    res = run_cli("run", recipe)
+    assert res.returncode == 0 and "resuming" in res.stderr, res.stderr
+    assert (out / "stages" / "00-cast" / "stage.json").stat().st_mtime_ns == stamp
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["from_stage"] for s in manifest["starts"]] == [0, 1]
+
+
+def test_final_model_follows_the_last_checkpoint(llama_dir, text_file, tmp_path):
+    """A run killed between its last stage and publishing OUT/model republishes on rerun."""
+    out = tmp_path / "out"
+    run_recipe(validate(recipe_dict(llama_dir, text_file, out, [{"cast": {}}]), base_dir=tmp_path))
+    stale = (out / "model" / "dsc_source.json").read_text()
+    two = recipe_dict(llama_dir, text_file, out, [{"cast": {}}, {"cast": {"dtype": "float16"}}])
+    run_recipe(validate(two, base_dir=tmp_path))
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "float16"
+    (out / "model" / "dsc_source.json").write_text(stale)  # as if killed before publishing
+    (out / "model" / "config.json").write_text('{"stale": true}')
+    run_recipe(validate(two, base_dir=tmp_path))
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_changed_checkpoint_refuses_resume(llama_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    run_recipe(validate(recipe_dict(llama_dir, text_file, out, [{"cast": {}}]), base_dir=tmp_path))
+    with open(out / "stages" / "00-cast" / "model" / "model.safetensors", "ab") as fh:
+        fh.write(b"\0")
+    longer = recipe_dict(llama_dir, text_file, out, [{"cast": {}}, {"evaluate": EVAL}])
+    with pytest.raises(DscInputError, match="changed since stage 0 wrote it"):
+        run_recipe(validate(longer, base_dir=tmp_path))

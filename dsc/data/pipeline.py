@@ -95,16 +95,17 @@ def assign_splits(n_blocks: int, fractions: dict[str, float], seed: int) -> dict
     return out
 
 
-def prepare(name: str, src, tokenizer, *, base_dir: Path, cache_dir: Path | None, seed: int,
+def prepare(name: str, src, tokenizer, *, base_dir: Path, cache_dirs: tuple[Path, ...] = (), seed: int,
             teacher_fp: str = "", generate: Callable[[TeacherSource], torch.Tensor] | None = None) -> TokenData:
-    """Tokenize (or load from cache) one named source and split it."""
+    """Tokenize (or load from the first cache that has it) one named source and split it."""
     field_path = f"data.{name}"
     key = hash_json([CACHE_VERSION, source_fingerprint(src, base_dir, teacher_fp), tokenizer_fingerprint(tokenizer),
                      seed if isinstance(src, TeacherSource) and src.seed is None else None])
-    cache_file = cache_dir / "tokens" / f"{key}.safetensors" if cache_dir else None
-    if cache_file is not None and cache_file.is_file():
-        tokens = load_file(cache_file)["tokens"].long()
-        log.info("data %s: %d tokens from cache %s", name, len(tokens), cache_file.name[:12])
+    files = [Path(d) / "tokens" / f"{key}.safetensors" for d in cache_dirs]
+    hit = next((f for f in files if f.is_file()), None)
+    if hit is not None:
+        tokens = load_file(hit)["tokens"].long()
+        log.info("data %s: %d tokens from %s", name, len(tokens), hit)
     else:
         if isinstance(src, TeacherSource):
             if generate is None:
@@ -112,9 +113,10 @@ def prepare(name: str, src, tokenizer, *, base_dir: Path, cache_dir: Path | None
             tokens = generate(src)
         else:
             tokens = tokenize_documents(read_documents(src, base_dir, field_path), tokenizer, src.max_tokens)
-        if cache_file is not None:
-            _save_atomic(cache_file, tokens)
-        log.info("data %s: %d tokens tokenized", name, len(tokens))
+        log.info("data %s: %d tokens prepared", name, len(tokens))
+    for f in files:
+        if not f.is_file():
+            _save_atomic(f, tokens)
     if len(tokens) < src.block_size:
         raise DscInputError(field_path, f"only {len(tokens)} tokens, fewer than block_size={src.block_size}: "
                             "add data or lower block_size")

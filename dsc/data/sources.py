@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Iterator, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from dsc.config import Config
 from dsc.errors import DscInputError
@@ -34,6 +34,12 @@ class SourceBase(Config):
         if abs(sum(v.values()) - 1) > 1e-6:
             raise ValueError(f"fractions must sum to 1 (they sum to {sum(v.values()):g})")
         return v
+
+    @model_validator(mode="after")
+    def _enough_tokens(self):
+        if self.max_tokens is not None and self.max_tokens < self.block_size:
+            raise ValueError(f"max_tokens ({self.max_tokens}) < block_size ({self.block_size}): not one block")
+        return self
 
 
 class FileSource(SourceBase):
@@ -74,7 +80,15 @@ class TeacherSource(SourceBase):
     top_k: int = Field(0, ge=0, description="sample from the top-k tokens only (0: the full distribution)")
     prompt: str = Field("", description="text every sequence starts from (empty: the BOS token)")
     batch_size: int = Field(16, gt=0, description="sequences generated at once")
-    seed: int | None = Field(None, description="sampling seed (default: the recipe's seed)")
+    seed: int | None = Field(None, ge=0, description="sampling seed (default: the recipe's seed)")
+
+    @model_validator(mode="after")
+    def _enough_samples(self):
+        total = self.num_sequences * (self.length + 1)  # each sequence ends with EOS
+        if total < self.block_size:
+            raise ValueError(f"num_sequences × (length + 1) = {total} tokens < block_size ({self.block_size}): "
+                             "sample more or lower block_size")
+        return self
 
 
 DataSource = Union[TextSource, JsonlSource, ParquetSource, DatasetsSource, TeacherSource]
@@ -124,8 +138,17 @@ def read_documents(src: Config, base_dir: Path, field: str) -> Iterator[str]:
     elif isinstance(src, JsonlSource):
         with open(resolve_path(src, base_dir), encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    yield _field(json.loads(line), src.field, f"{field}.field", f"line {lineno}")
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DscInputError(f"{field}.path", f"line {lineno} is not JSON: {exc}") from None
+                if not isinstance(row, dict):
+                    raise DscInputError(f"{field}.path", f"line {lineno} is not a JSON object") from None
+                text = _field(row, src.field, f"{field}.field", f"line {lineno}")
+                if text:
+                    yield text
     elif isinstance(src, ParquetSource):
         import pyarrow.parquet as pq
 

@@ -16,7 +16,14 @@ class CastConfig(Config):
 
 
 def apply(model, cfg: CastConfig, ctx) -> StageOutput:
+    """Casts parameters and saved buffers. Non-persistent buffers (RoPE inv_freq) keep their
+    dtype, exactly as `from_pretrained(dtype=...)` builds them: the model in memory is the
+    model on disk."""
+    dtype = getattr(torch, cfg.dtype)
     before = next(model.parameters()).dtype
-    model = model.to(getattr(torch, cfg.dtype))
+    saved = set(model.state_dict())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name in saved and tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
     model.config.dtype = cfg.dtype  # save_pretrained writes it; from_pretrained(dtype="auto") reads it
     return StageOutput(model, {"from": str(before).removeprefix("torch."), "to": cfg.dtype})

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 
 from dsc.config import Config
-from dsc.errors import DscInputError
+from dsc.errors import FieldError
 from dsc.evaluation import param_counts, perplexity, speed, weight_bytes
-from dsc.fingerprint import hash_json
+from dsc.fingerprint import hash_bytes, hash_json
 from dsc.log import Progress
 from dsc.stages import StageOutput
 
@@ -36,9 +37,10 @@ class EvaluateConfig(Config):
         return self
 
 
-def protocol(cfg: EvaluateConfig, data) -> dict:
-    """Everything that fixes the perplexity number, recorded next to it."""
-    return {"dataset": data.name, "data_fingerprint": data.fingerprint[:16], "split": cfg.split,
+def protocol(cfg: EvaluateConfig, data, stream) -> dict:
+    """Everything that fixes the perplexity number, recorded next to it; `tokens` hashes the
+    very tokens scored (source, tokenizer, split, seed all end up in it)."""
+    return {"dataset": data.name, "tokens": hash_bytes(stream.numpy().tobytes())[:16], "split": cfg.split,
             "context_length": cfg.context_length, "stride": cfg.stride or cfg.context_length,
             "max_windows": cfg.max_windows, "level": "token", "block_size": data.block_size}
 
@@ -48,14 +50,14 @@ def measure(model, cfg: EvaluateConfig, ctx, label: str) -> dict:
     data = ctx.data[cfg.data or ctx.data.default()]
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and cfg.context_length > limit:
-        raise DscInputError("context_length", f"{cfg.context_length} exceeds the model's max_position_embeddings "
+        raise FieldError("context_length", f"{cfg.context_length} exceeds the model's max_position_embeddings "
                             f"({limit}): lower it")
     stream = data.stream(cfg.split)
     bar = Progress(f"perplexity ({label})", 0, ctx.log)
     ppl = perplexity(model, stream, cfg.context_length, cfg.stride or cfg.context_length, cfg.batch_size,
                      cfg.max_windows, progress=bar.update)
     bar.close()
-    out = {**ppl, "protocol": protocol(cfg, data), **param_counts(model), "weight_bytes": weight_bytes(model)}
+    out = {**ppl, "protocol": protocol(cfg, data, stream), **param_counts(model), "weight_bytes": weight_bytes(model)}
     if cfg.speed:
         s = speed(model, model.config.vocab_size, cfg.speed_batch_size, cfg.prompt_length, cfg.decode_tokens,
                   cfg.repeats, seed=ctx.seed)
@@ -68,7 +70,9 @@ def measure(model, cfg: EvaluateConfig, ctx, label: str) -> dict:
 def apply(model, cfg: EvaluateConfig, ctx) -> StageOutput:
     metrics = {"model": measure(model, cfg, ctx, "model")}
     if cfg.teacher:
-        key = hash_json([cfg.model_dump(exclude={"teacher"}), metrics["model"]["protocol"]])
+        # Keyed by everything the numbers depend on, hardware included: a resume elsewhere re-measures.
+        key = hash_json([cfg.model_dump(exclude={"teacher"}), metrics["model"]["protocol"], str(ctx.device),
+                         torch.get_num_threads()])
         if ctx.teacher_is(model):  # nothing changed the model yet: it is the teacher
             metrics["teacher"] = ctx.baseline(key, lambda: metrics["model"])
         else:
