@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dsc.config import Config
+from dsc import prune
 from dsc.stages import cast, evaluate
 
 
@@ -20,4 +21,6 @@ STAGES: dict[str, Stage] = {
     "evaluate": Stage(evaluate.EvaluateConfig, evaluate.apply, False,
                       "perplexity (stated protocol), parameters, bytes, speed and memory, next to the teacher"),
     "cast": Stage(cast.CastConfig, cast.apply, True, "store weights in bfloat16 / float16"),
+    "prune": Stage(prune.PruneConfig, prune.apply, True,
+                   "structured pruning of heads (GQA-aware), MLP channels and layers into a smaller model"),
 }

@@ -1,0 +1,48 @@
+"""`prune` stage schema."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+
+from dsc.config import Config
+
+
+def _fraction(v: float) -> float:
+    if not 0 <= v < 1:
+        raise ValueError("must be in [0, 1)")
+    return v
+
+
+Fraction = Annotated[float, AfterValidator(_fraction)]
+
+
+class PruneConfig(Config):
+    heads: Fraction = Field(0.0, description="fraction of query heads to remove (GQA-aware, same in every layer)")
+    head_mode: Literal["per_group", "groups"] = Field(
+        "per_group", description="per_group: the same number of query heads from every KV group; "
+                                 "groups: whole KV groups (shrinks the KV cache too)")
+    channels: Fraction = Field(0.0, description="fraction of MLP intermediate channels to remove (same in every layer)")
+    channel_multiple: int = Field(1, gt=0, description="round the kept MLP width down to a multiple of this "
+                                                       "(e.g. 128 for AWQ groups later)")
+    layers: Fraction = Field(0.0, description="fraction of decoder layers to remove")
+    importance: Literal["activation", "taylor", "magnitude", "random"] = Field(
+        "activation", description="width importance: activation (Wanda |W|·‖X‖ on calibration data), taylor "
+                                  "(|W·∇W|, LLM-Pruner), magnitude (weight norm), random (a baseline)")
+    norm: Literal["l1", "l2"] = Field("l2", description="norm of the magnitude importance")
+    layer_importance: Literal["block", "random"] = Field(
+        "block", description="depth importance: block (1 − cos(input, output) of a layer, ShortGPT) or random")
+    targets: list[str] = Field(default_factory=list, description="regexes over layer paths (model.layers.N) that "
+                                                                 "may be removed by depth pruning; empty: all")
+    ignore: list[str] = Field(default_factory=list, description="regexes over layer paths never removed")
+    data: str | None = Field(None, description="calibration data source (default: the recipe's first)")
+    split: Literal["calibration", "train", "eval", "all"] = Field("calibration", description="split to calibrate on")
+    num_samples: int = Field(32, gt=0, description="calibration blocks")
+    batch_size: int = Field(4, gt=0, description="calibration blocks per forward pass")
+    seed: int = Field(0, ge=0, description="seed of the random importance")
+
+    @model_validator(mode="after")
+    def _something_to_cut(self):
+        if not (self.heads or self.channels or self.layers):
+            raise ValueError("nothing to prune: set heads, channels or layers above 0")
+        return self
