@@ -18,6 +18,10 @@ Fraction = Annotated[float, AfterValidator(_fraction)]
 
 
 class PruneConfig(Config):
+    ratio: Fraction = Field(0.0, description="global: fraction of non-embedding parameters to remove, spread as one "
+                                             "uniform fraction over `kinds` (instead of heads/channels/layers)")
+    kinds: list[Literal["heads", "channels", "layers"]] = Field(
+        default_factory=lambda: ["heads", "channels"], description="what a global `ratio` may cut")
     heads: Fraction = Field(0.0, description="fraction of query heads to remove (GQA-aware, same in every layer)")
     head_mode: Literal["per_group", "groups"] = Field(
         "per_group", description="per_group: the same number of query heads from every KV group; "
@@ -43,6 +47,15 @@ class PruneConfig(Config):
 
     @model_validator(mode="after")
     def _something_to_cut(self):
-        if not (self.heads or self.channels or self.layers):
-            raise ValueError("nothing to prune: set heads, channels or layers above 0")
+        per_kind = self.heads or self.channels or self.layers
+        if self.ratio and per_kind:
+            raise ValueError("set either a global `ratio` or per-kind heads/channels/layers, not both")
+        if not (self.ratio or per_kind):
+            raise ValueError("nothing to prune: set ratio, or heads, channels or layers above 0")
+        if self.ratio and not self.kinds:
+            raise ValueError("a global ratio needs at least one of kinds: heads, channels, layers")
         return self
+
+    def per_kind(self, fraction: float) -> "PruneConfig":
+        """The per-kind config that cuts `fraction` of every kind in `kinds`."""
+        return self.model_copy(update={"ratio": 0.0, **{k: fraction for k in self.kinds}})

@@ -14,6 +14,7 @@ activation is kept, so peak memory is the model plus one forward's activations.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -68,9 +69,11 @@ def input_norms(model: nn.Module, structure: Structure, batches, block_influence
     if block_influence:
         for layer in structure.layers:
             hooks.append(layer.module.register_forward_hook(block(layer.index), with_kwargs=True))
+    # Only the hooks' statistics matter: skip the (B, T, vocab) logits where the model allows it.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     try:
         for ids in batches:
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, use_cache=False, **keep)
             count += ids.numel()
     finally:
         for h in hooks:

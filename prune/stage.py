@@ -21,10 +21,29 @@ def _needs_data(cfg: PruneConfig) -> bool:
 def plan(model, cfg: PruneConfig, ctx) -> Plan:
     """Score the model and choose the cut, without changing it."""
     structure = describe(model)
+    scoring = cfg.per_kind(0.5) if cfg.ratio else cfg  # scores for every kind a global ratio may cut
     blocks = None
-    if _needs_data(cfg):
+    if _needs_data(scoring):
         blocks = ctx.data[cfg.data or ctx.data.default()].blocks(cfg.split)[: cfg.num_samples]
-    return make_plan(model, structure, compute(model, structure, cfg, blocks), cfg)
+    scores = compute(model, structure, scoring, blocks)
+    if not cfg.ratio:
+        return make_plan(model, structure, scores, cfg)
+    return _global(model, structure, scores, cfg)
+
+
+def _global(model, structure, scores, cfg: PruneConfig) -> Plan:
+    """Bisect the one per-kind fraction whose plan removes `ratio` of the non-embedding parameters
+    (plans are cheap: scores are computed once). Rounding makes the result the closest reachable."""
+    lo, hi, best = 0.0, 0.99, None
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        candidate = make_plan(model, structure, scores, cfg.per_kind(mid))
+        removed = candidate.summary()["removed_fraction_non_embedding"]
+        if best is None or abs(removed - cfg.ratio) < abs(best.summary()["removed_fraction_non_embedding"] - cfg.ratio):
+            best = candidate
+        lo, hi = (mid, hi) if removed < cfg.ratio else (lo, mid)
+    best.notes.append(f"global ratio {cfg.ratio}: per-kind fraction {lo:.4f} over {', '.join(cfg.kinds)}")
+    return best
 
 
 def apply(model, cfg: PruneConfig, ctx) -> StageOutput:

@@ -148,3 +148,18 @@ def test_block_importance_drops_the_most_redundant_layer(stories_dir):
     model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
     chosen = apply_stage("prune", model, PruneConfig(layers=1 / n), ctx)
     assert chosen.metrics["plan"]["drop_layers"] == [min(range(n), key=each.__getitem__)]
+
+
+@pytest.mark.parametrize("kinds", [["heads", "channels"], ["channels"], ["layers"]])
+def test_global_ratio_reaches_the_target(tokenizer, ctx, kinds):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)  # wider than the tiny model, so rounding leaves room to hit the target
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=10,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)).eval()
+    p = plan(model, PruneConfig(ratio=0.3, kinds=kinds, importance="magnitude", layer_importance="random"), ctx)
+    assert abs(p.summary()["removed_fraction_non_embedding"] - 0.3) < 0.06
+    assert not ({"heads", "channels", "layers"} - set(kinds)) & {
+        k for k, changed in (("heads", bool(p.keep_heads)), ("channels", bool(p.keep_channels)),
+                             ("layers", bool(p.drop_layers))) if changed}
