@@ -22,27 +22,37 @@ class Family:
     model_types: tuple[str, ...]
     layers: str  # path of the ModuleList of decoder layers
     attn: str  # attention module inside a layer
-    q: str
-    k: str
-    v: str
+    q: str | None  # separate projections (q/k/v) ...
+    k: str | None
+    v: str | None
+    qkv: str | None  # ... or one fused projection
     o: str
-    mlp: str
+    mlp: str  # the MLP, or the MoE block, inside a layer
     gate: str | None  # gated MLPs (SwiGLU) have one; plain MLPs do not
     up: str
     down: str
+    experts_key: str | None = None  # config field holding the routed expert count
+    fixed_head_dim: bool = True  # False: head size = hidden / heads, so heads cannot be removed
 
 
-LLAMA_LIKE = Family("llama-like", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", "self_attn",
-                    "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "gate_proj", "up_proj", "down_proj")
-FAMILIES = (LLAMA_LIKE,)
+_LLAMA = dict(attn="self_attn", q="q_proj", k="k_proj", v="v_proj", qkv=None, o="o_proj", mlp="mlp",
+              gate="gate_proj", up="up_proj", down="down_proj", layers="model.layers")
+FAMILIES = (
+    Family("llama-like", ("llama", "mistral", "qwen2", "qwen3"), **_LLAMA),
+    Family("mixtral", ("mixtral",), **_LLAMA, experts_key="num_local_experts"),
+    Family("qwen-moe", ("qwen2_moe", "qwen3_moe"), **_LLAMA, experts_key="num_experts"),
+    Family("gpt-neox", ("gpt_neox",), "gpt_neox.layers", "attention", None, None, None, "query_key_value", "dense",
+           "mlp", None, "dense_h_to_4h", "dense_4h_to_h", fixed_head_dim=False),
+)
 
 
 @dataclass(frozen=True)
 class Attention:
     path: str  # "model.layers.3.self_attn"
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    q: nn.Linear | None  # None where q/k/v are fused into `qkv`
+    k: nn.Linear | None
+    v: nn.Linear | None
+    qkv: nn.Linear | None
     o: nn.Linear
     num_heads: int
     num_kv_heads: int
@@ -51,6 +61,10 @@ class Attention:
     @property
     def group_size(self) -> int:  # query heads per KV head
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [lin for lin in (self.q, self.k, self.v, self.qkv, self.o) if lin is not None]
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,22 @@ class MLP:
     def width(self) -> int:
         return self.up.out_features
 
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [lin for lin in (self.gate, self.up, self.down) if lin is not None]
+
+
+@dataclass(frozen=True)
+class MoE:
+    """Routed experts stored fused (transformers 5): gate_up_proj (E, 2I, H), down_proj (E, H, I);
+    the router's weight is (E, H)."""
+
+    path: str
+    router: nn.Module
+    experts: nn.Module
+    num_experts: int
+    top_k: int
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -71,7 +101,8 @@ class Layer:
     path: str  # "model.layers.3"
     module: nn.Module
     attn: Attention
-    mlp: MLP
+    mlp: MLP | None  # a dense MLP ...
+    moe: MoE | None  # ... or a mixture of experts
 
 
 @dataclass(frozen=True)
@@ -87,6 +118,12 @@ class Structure:
     def num_kv_heads(self) -> int:
         return self.layers[0].attn.num_kv_heads
 
+    def dense(self) -> list[Layer]:
+        return [layer for layer in self.layers if layer.mlp is not None]
+
+    def sparse(self) -> list[Layer]:
+        return [layer for layer in self.layers if layer.moe is not None]
+
 
 def supported() -> str:
     return ", ".join(t for f in FAMILIES for t in f.model_types)
@@ -99,23 +136,25 @@ def describe(model: nn.Module) -> Structure:
     if family is None:
         raise DscInputError("teacher", f"model_type {config.model_type!r} is not supported by this stage yet; "
                             f"supported: {supported()}")
-    layers = _get(model, family.layers, family)
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    out = []
-    for i, layer in enumerate(layers):
+    layers = []
+    for i, layer in enumerate(_get(model, family.layers, family)):
         path = f"{family.layers}.{i}"
-        attn, mlp = _get(layer, family.attn, family), _get(layer, family.mlp, family)
-        if hasattr(mlp, "experts"):
-            raise DscInputError("teacher", f"{path}.{family.mlp} is a mixture of experts: expert pruning is not "
-                                "supported yet (dense families only)")
-        out.append(Layer(i, path, layer,
-                         Attention(f"{path}.{family.attn}", *(_get(attn, n, family) for n in
-                                                               (family.q, family.k, family.v, family.o)),
-                                   heads, kv, head_dim),
-                         MLP(f"{path}.{family.mlp}", _get(mlp, family.gate, family) if family.gate else None,
-                             _get(mlp, family.up, family), _get(mlp, family.down, family))))
-    return Structure(family, tuple(out))
+        attn_mod, mlp_mod = _get(layer, family.attn, family), _get(layer, family.mlp, family)
+        names = (family.q, family.k, family.v, family.qkv)
+        q, k, v, qkv = (_get(attn_mod, n, family) if n else None for n in names)
+        attn = Attention(f"{path}.{family.attn}", q, k, v, qkv, _get(attn_mod, family.o, family), heads, kv, head_dim)
+        mlp = moe = None
+        if hasattr(mlp_mod, "experts"):
+            router = _get(mlp_mod, "gate", family)
+            moe = MoE(f"{path}.{family.mlp}", router, mlp_mod.experts, router.weight.shape[0], router.top_k)
+        else:
+            mlp = MLP(f"{path}.{family.mlp}", _get(mlp_mod, family.gate, family) if family.gate else None,
+                      _get(mlp_mod, family.up, family), _get(mlp_mod, family.down, family))
+        layers.append(Layer(i, path, layer, attn, mlp, moe))
+    return Structure(family, tuple(layers))
 
 
 def _get(root: nn.Module, path: str, family: Family):

@@ -1,6 +1,7 @@
-"""dsc.prune — structured pruning: attention heads (GQA-aware), MLP channels and whole layers of
-dense Llama-family models, planned from importance scores and applied into a smaller model whose
-config.json is true. MoE experts and other families come next."""
+"""dsc.prune — structured pruning into a genuinely smaller model whose config.json is true:
+attention heads (GQA-aware), MLP channels, whole layers, and routed MoE experts (fused expert
+tensors and router rows), for the Llama family (Llama, Mistral, Qwen2/3), Mixtral, Qwen2/3-MoE
+and GPT-NeoX (channels and layers). A plan is data; applying it cuts the tensors."""
 from dsc.prune.config import PruneConfig
 from dsc.prune.plan import Plan, apply_plan, make_plan
 from dsc.prune.stage import apply, plan

@@ -20,7 +20,7 @@ Fraction = Annotated[float, AfterValidator(_fraction)]
 class PruneConfig(Config):
     ratio: Fraction = Field(0.0, description="global: fraction of non-embedding parameters to remove, spread as one "
                                              "uniform fraction over `kinds` (instead of heads/channels/layers)")
-    kinds: list[Literal["heads", "channels", "layers"]] = Field(
+    kinds: list[Literal["heads", "channels", "layers", "experts"]] = Field(
         default_factory=lambda: ["heads", "channels"], description="what a global `ratio` may cut")
     heads: Fraction = Field(0.0, description="fraction of query heads to remove (GQA-aware, same in every layer)")
     head_mode: Literal["per_group", "groups"] = Field(
@@ -30,6 +30,9 @@ class PruneConfig(Config):
     channel_multiple: int = Field(1, gt=0, description="round the kept MLP width down to a multiple of this "
                                                        "(e.g. 128 for AWQ groups later)")
     layers: Fraction = Field(0.0, description="fraction of decoder layers to remove")
+    experts: Fraction = Field(0.0, description="fraction of routed experts to remove from every MoE layer")
+    expert_importance: Literal["usage", "frequency", "random"] = Field(
+        "usage", description="usage: routing weight received on calibration data; frequency: top-k count; random")
     importance: Literal["activation", "taylor", "magnitude", "random"] = Field(
         "activation", description="width importance: activation (Wanda |W|·‖X‖ on calibration data), taylor "
                                   "(|W·∇W|, LLM-Pruner), magnitude (weight norm), random (a baseline)")
@@ -47,11 +50,11 @@ class PruneConfig(Config):
 
     @model_validator(mode="after")
     def _something_to_cut(self):
-        per_kind = self.heads or self.channels or self.layers
+        per_kind = self.heads or self.channels or self.layers or self.experts
         if self.ratio and per_kind:
             raise ValueError("set either a global `ratio` or per-kind heads/channels/layers, not both")
         if not (self.ratio or per_kind):
-            raise ValueError("nothing to prune: set ratio, or heads, channels or layers above 0")
+            raise ValueError("nothing to prune: set ratio, or heads, channels, layers or experts above 0")
         if self.ratio and not self.kinds:
             raise ValueError("a global ratio needs at least one of kinds: heads, channels, layers")
         return self

@@ -8,6 +8,8 @@ columns a structural unit owns:
   random:     seeded uniform scores (a baseline)
 Depth importance (ShortGPT's block influence): 1 − cos(layer input, layer output), averaged over
 tokens; the layers that change their input least are removed first.
+Expert importance: router usage on calibration data — the routing weight each expert receives,
+summed over tokens (`usage`), or how often it is in the top-k (`frequency`).
 
 Calibration is hook-based: statistics are accumulated in place during plain forward passes and no
 activation is kept, so peak memory is the model plus one forward's activations.
@@ -24,18 +26,18 @@ from dsc.structure import Structure
 
 
 @dataclass
-class Scores:
-    heads: list[torch.Tensor]  # per layer: (num_heads,)
-    kv: list[torch.Tensor]  # per layer: (num_kv_heads,)
-    channels: list[torch.Tensor]  # per layer: (width,)
-    layers: torch.Tensor | None  # (num_layers,), higher = more important
+class Scores:  # higher = more important; dicts are keyed by layer index
+    heads: dict[int, torch.Tensor]  # (num_heads,)
+    kv: dict[int, torch.Tensor]  # (num_kv_heads,)
+    channels: dict[int, torch.Tensor]  # dense MLP layers: (width,)
+    experts: dict[int, torch.Tensor]  # MoE layers: (num_experts,)
+    layers: torch.Tensor | None  # (num_layers,)
 
 
 def _linears(structure: Structure) -> list[nn.Linear]:
     out = []
     for layer in structure.layers:
-        a, m = layer.attn, layer.mlp
-        out += [a.q, a.k, a.v, a.o, m.up, m.down] + ([m.gate] if m.gate is not None else [])
+        out += layer.attn.linears + (layer.mlp.linears if layer.mlp is not None else [])
     return out
 
 
@@ -43,14 +45,32 @@ def calibration_batches(blocks: torch.Tensor, batch_size: int, device) -> list[t
     return [blocks[i:i + batch_size].to(device) for i in range(0, len(blocks), batch_size)]
 
 
+@dataclass
+class Calibration:
+    sq: dict[int, torch.Tensor]  # id(linear) -> Σ x² per input column
+    block_influence: torch.Tensor  # (num_layers,)
+    usage: dict[int, torch.Tensor]  # layer -> Σ routing weight per expert
+    frequency: dict[int, torch.Tensor]  # layer -> top-k count per expert
+
+
 @torch.inference_mode()
-def input_norms(model: nn.Module, structure: Structure, batches, block_influence: bool):
-    """One calibration pass: ‖X_col‖² of every linear's input and, optionally, block influence."""
+def calibrate(model: nn.Module, structure: Structure, batches, block_influence: bool) -> Calibration:
+    """One calibration pass: ‖X_col‖² of every linear's input, router statistics and, optionally,
+    block influence."""
     sq = {id(lin): torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device)
           for lin in _linears(structure)}
     bi = torch.zeros(len(structure.layers), dtype=torch.float64)
+    usage = {layer.index: torch.zeros(layer.moe.num_experts, dtype=torch.float64) for layer in structure.sparse()}
+    freq = {i: torch.zeros_like(u) for i, u in usage.items()}
     count = torch.zeros(1, dtype=torch.float64)
     hooks = []
+
+    def routed(index):
+        def hook(mod, args, output):
+            _, weights, experts = output  # (tokens, top_k) each
+            usage[index].index_add_(0, experts.reshape(-1).cpu(), weights.reshape(-1).double().cpu())
+            freq[index].index_add_(0, experts.reshape(-1).cpu(), torch.ones(experts.numel(), dtype=torch.float64))
+        return hook
 
     def pre(mod, args):
         x = args[0].detach().double()  # (B, T, in)
@@ -69,6 +89,8 @@ def input_norms(model: nn.Module, structure: Structure, batches, block_influence
     if block_influence:
         for layer in structure.layers:
             hooks.append(layer.module.register_forward_hook(block(layer.index), with_kwargs=True))
+    for layer in structure.sparse():
+        hooks.append(layer.moe.router.register_forward_hook(routed(layer.index)))
     # Only the hooks' statistics matter: skip the (B, T, vocab) logits where the model allows it.
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     try:
@@ -78,7 +100,7 @@ def input_norms(model: nn.Module, structure: Structure, batches, block_influence
     finally:
         for h in hooks:
             h.remove()
-    return sq, bi / count
+    return Calibration(sq, bi / count, usage, freq)
 
 
 def taylor_grads(model: nn.Module, structure: Structure, batches) -> dict[int, torch.Tensor]:
@@ -116,40 +138,48 @@ def element_scores(lin: nn.Linear, kind: str, norm: str, sq=None, grads=None, ge
     return torch.rand(w.shape, generator=gen)
 
 
-def unit_scores(structure: Structure, element) -> tuple[list, list, list]:
-    """Sum element scores over the rows/columns each head, KV group and channel owns."""
-    heads, kv, channels = [], [], []
-    for layer in structure.layers:
-        a, m = layer.attn, layer.mlp
-        hd = a.head_dim
-        sq_, sk, sv, so = (element(lin) for lin in (a.q, a.k, a.v, a.o))
-        h = sq_.view(a.num_heads, hd, -1).sum((1, 2)) + so.view(so.shape[0], a.num_heads, hd).sum((0, 2))
-        g = h.view(a.num_kv_heads, a.group_size).sum(1)
-        g = g + sk.view(a.num_kv_heads, hd, -1).sum((1, 2)) + sv.view(a.num_kv_heads, hd, -1).sum((1, 2))
-        c = element(m.up).sum(1) + element(m.down).sum(0)
-        if m.gate is not None:
-            c = c + element(m.gate).sum(1)
-        heads.append(h.cpu())
-        kv.append(g.cpu())
-        channels.append(c.cpu())
-    return heads, kv, channels
+def head_scores(a, element) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_heads,) and (num_kv_heads,) from the q/k/v rows and o columns each owns."""
+    hd = a.head_dim
+    sq_, sk, sv, so = (element(lin) for lin in (a.q, a.k, a.v, a.o))
+    h = sq_.view(a.num_heads, hd, -1).sum((1, 2)) + so.view(so.shape[0], a.num_heads, hd).sum((0, 2))
+    g = h.view(a.num_kv_heads, a.group_size).sum(1)
+    g = g + sk.view(a.num_kv_heads, hd, -1).sum((1, 2)) + sv.view(a.num_kv_heads, hd, -1).sum((1, 2))
+    return h.cpu(), g.cpu()
+
+
+def channel_scores(m, element) -> torch.Tensor:
+    """(width,) from the gate/up rows and down columns each channel owns."""
+    c = element(m.up).sum(1) + element(m.down).sum(0)
+    if m.gate is not None:
+        c = c + element(m.gate).sum(1)
+    return c.cpu()
 
 
 def compute(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor | None) -> Scores:
     """Scores for what `cfg` cuts; calibration runs only when an importance needs data."""
     device = next(model.parameters()).device
     batches = calibration_batches(blocks, cfg.batch_size, device) if blocks is not None else []
-    wants_width = bool(cfg.heads or cfg.channels)
     need_bi = bool(cfg.layers) and cfg.layer_importance == "block"
-    sq, bi = (input_norms(model, structure, batches, need_bi)
-              if need_bi or (wants_width and cfg.importance == "activation") else (None, None))
-    grads = taylor_grads(model, structure, batches) if wants_width and cfg.importance == "taylor" else None
+    width_data = bool(cfg.heads or cfg.channels) and cfg.importance == "activation"
+    expert_data = bool(cfg.experts) and cfg.expert_importance != "random"
+    cal = calibrate(model, structure, batches, need_bi) if need_bi or width_data or expert_data else None
+    grads = taylor_grads(model, structure, batches) if (cfg.heads or cfg.channels) and cfg.importance == "taylor" else None
     gen = torch.Generator().manual_seed(cfg.seed)
-    heads, kv, channels = ([], [], [])
-    if wants_width:
-        heads, kv, channels = unit_scores(
-            structure, lambda lin: element_scores(lin, cfg.importance, cfg.norm, sq, grads, gen))
-    layers = None
+
+    def element(lin):
+        return element_scores(lin, cfg.importance, cfg.norm, cal.sq if cal else None, grads, gen)
+
+    scores = Scores({}, {}, {}, {}, None)
+    for layer in structure.layers:
+        if cfg.heads and layer.attn.q is not None:
+            scores.heads[layer.index], scores.kv[layer.index] = head_scores(layer.attn, element)
+        if cfg.channels and layer.mlp is not None:
+            scores.channels[layer.index] = channel_scores(layer.mlp, element)
+        if cfg.experts and layer.moe is not None:
+            stats = {"usage": cal.usage, "frequency": cal.frequency}.get(cfg.expert_importance) if cal else None
+            scores.experts[layer.index] = (stats[layer.index].float() if stats is not None
+                                           else torch.rand(layer.moe.num_experts, generator=gen))
     if cfg.layers:
-        layers = bi.float() if need_bi else torch.rand(len(structure.layers), generator=gen)
-    return Scores(heads, kv, channels, layers)
+        scores.layers = cal.block_influence.float() if need_bi else torch.rand(len(structure.layers), generator=gen)
+    return scores

@@ -20,6 +20,7 @@ class Plan:
     keep_heads: dict[int, list[int]]  # original layer index -> kept query heads (original numbering)
     keep_kv: dict[int, list[int]]  # -> kept KV heads
     keep_channels: dict[int, list[int]]  # -> kept MLP channels
+    keep_experts: dict[int, list[int]]  # -> kept routed experts
     config: dict  # config fields after the cut
     params_before: int = 0
     params_after: int = 0
@@ -59,40 +60,84 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
 
 
 def make_plan(model: nn.Module, structure: Structure, scores: Scores, cfg) -> Plan:
-    n_layers = len(structure.layers)
-    candidates = _select_layers(structure, cfg) if cfg.layers else []
-    n_drop = min(round(n_layers * cfg.layers), len(candidates), n_layers - 1)
-    drop = sorted(sorted(candidates, key=lambda i: (scores.layers[i].item(), i))[:n_drop]) if n_drop else []
-    kept = [layer for layer in structure.layers if layer.index not in drop]
-    heads, kv_heads, gs = structure.num_heads, structure.num_kv_heads, structure.num_heads // structure.num_kv_heads
-    plan = Plan(drop, {}, {}, {}, {})
-    new_heads, new_kv = heads, kv_heads
+    plan = Plan(_drop(structure, scores, cfg), {}, {}, {}, {}, {})
+    kept = [layer for layer in structure.layers if layer.index not in plan.drop_layers]
+    plan.config = {"num_hidden_layers": len(kept)}
     if cfg.heads:
-        if cfg.head_mode == "groups":
-            new_kv = max(1, round(kv_heads * (1 - cfg.heads)))
-            new_heads = new_kv * gs
-        else:
-            new_heads = max(1, round(gs * (1 - cfg.heads))) * kv_heads
-        if new_heads == heads:
-            plan.notes.append(f"heads: {cfg.heads} of {heads} heads ({cfg.head_mode}) rounds to no cut")
-    width = structure.layers[0].mlp.width
-    new_width = width
+        _plan_heads(structure, scores, cfg, kept, plan)
     if cfg.channels:
-        new_width = max(cfg.channel_multiple, int(width * (1 - cfg.channels)) // cfg.channel_multiple * cfg.channel_multiple)
-    for layer in kept:
-        i = layer.index
-        if new_heads != heads:
-            plan.keep_kv[i], plan.keep_heads[i] = _keep_heads(scores, i, cfg.head_mode, kv_heads, gs, new_heads, new_kv)
-        if new_width != width:
-            plan.keep_channels[i] = _top(scores.channels[i], new_width)
-    plan.config = {"num_hidden_layers": len(kept), "num_attention_heads": new_heads, "num_key_value_heads": new_kv,
-                   "intermediate_size": new_width, "head_dim": structure.layers[0].attn.head_dim}
+        _plan_channels(structure, scores, cfg, kept, plan)
+    if cfg.experts:
+        _plan_experts(structure, scores, cfg, kept, plan)
+    if plan.drop_layers and structure.family.name == "qwen-moe":
+        # which layers are dense is given by index: restate it for the renumbered layers
+        plan.config["mlp_only_layers"] = [new for new, layer in enumerate(kept) if layer.mlp is not None]
+        plan.config["decoder_sparse_step"] = 1
     before = param_counts(model)
     removed = _removed_params(structure, plan)
     plan.params_before, plan.params_non_embedding_before = before["params"], before["params_non_embedding"]
     plan.params_after = before["params"] - removed
     plan.params_non_embedding_after = before["params_non_embedding"] - removed
     return plan
+
+
+def _drop(structure: Structure, scores: Scores, cfg) -> list[int]:
+    if not cfg.layers:
+        return []
+    candidates = _select_layers(structure, cfg)
+    n_drop = min(round(len(structure.layers) * cfg.layers), len(candidates), len(structure.layers) - 1)
+    return sorted(sorted(candidates, key=lambda i: (scores.layers[i].item(), i))[:n_drop])
+
+
+def _plan_heads(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> None:
+    family = structure.family
+    if not family.fixed_head_dim or family.qkv:
+        raise FieldError("heads", f"{family.name} derives its head size from hidden_size / num_attention_heads: "
+                         "removing heads would change the hidden size. Prune channels or layers instead")
+    heads, kv_heads = structure.num_heads, structure.num_kv_heads
+    gs = heads // kv_heads
+    if cfg.head_mode == "groups":
+        new_kv = max(1, round(kv_heads * (1 - cfg.heads)))
+        new_heads = new_kv * gs
+    else:
+        new_kv, new_heads = kv_heads, max(1, round(gs * (1 - cfg.heads))) * kv_heads
+    if new_heads == heads:
+        plan.notes.append(f"heads: {cfg.heads} of {heads} heads ({cfg.head_mode}) rounds to no cut")
+        return
+    for layer in kept:
+        plan.keep_kv[layer.index], plan.keep_heads[layer.index] = _keep_heads(
+            scores, layer.index, cfg.head_mode, kv_heads, gs, new_heads, new_kv)
+    plan.config.update(num_attention_heads=new_heads, num_key_value_heads=new_kv,
+                       head_dim=structure.layers[0].attn.head_dim)
+
+
+def _plan_channels(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> None:
+    dense = [layer for layer in kept if layer.mlp is not None]
+    if not structure.dense():
+        raise FieldError("channels", "this model has no dense MLP layers (expert width pruning is not supported "
+                         "yet): prune experts, heads or layers")
+    width = structure.dense()[0].mlp.width
+    new_width = max(cfg.channel_multiple, int(width * (1 - cfg.channels)) // cfg.channel_multiple * cfg.channel_multiple)
+    if new_width == width:
+        return
+    for layer in dense:
+        plan.keep_channels[layer.index] = _top(scores.channels[layer.index], new_width)
+    plan.config["intermediate_size"] = new_width
+
+
+def _plan_experts(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> None:
+    sparse = structure.sparse()
+    if not sparse:
+        raise FieldError("experts", "this model has no mixture-of-experts layers")
+    n, top_k = sparse[0].moe.num_experts, sparse[0].moe.top_k
+    new_n = round(n * (1 - cfg.experts))
+    if new_n < top_k:
+        raise FieldError("experts", f"{cfg.experts} of {n} experts leaves {new_n}, fewer than the "
+                         f"{top_k} each token is routed to (num_experts_per_tok): lower it")
+    for layer in kept:
+        if layer.moe is not None:
+            plan.keep_experts[layer.index] = _top(scores.experts[layer.index], new_n)
+    plan.config[structure.family.experts_key] = new_n
 
 
 def _keep_heads(scores: Scores, i: int, mode: str, kv_heads: int, gs: int, new_heads: int, new_kv: int):
@@ -111,6 +156,11 @@ def _removed_params(structure: Structure, plan: Plan) -> int:
             removed += sum(p.numel() for p in layer.module.parameters())
             continue
         a, m = layer.attn, layer.mlp
+        if layer.index in plan.keep_experts:
+            e = layer.moe
+            gone = e.num_experts - len(plan.keep_experts[layer.index])
+            per_expert = (e.experts.gate_up_proj.numel() + e.experts.down_proj.numel()) // e.num_experts
+            removed += gone * (per_expert + e.router.weight.shape[1] + (getattr(e.router, "bias", None) is not None))
         if layer.index in plan.keep_heads:
             hd = a.head_dim
             dq = (a.num_heads - len(plan.keep_heads[layer.index])) * hd
@@ -144,7 +194,7 @@ def apply_plan(model: nn.Module, structure: Structure, plan: Plan) -> nn.Module:
     """Cut the tensors, drop layers, and make the config true (it reloads with from_pretrained)."""
     for layer in structure.layers:
         a, m, i = layer.attn, layer.mlp, layer.index
-        if i in plan.keep_heads:
+        if i in plan.keep_heads:  # separate q/k/v only (_plan_heads refuses fused layouts)
             hd = a.head_dim
             _slice(a.q, _rows(plan.keep_heads[i], hd), 0)
             _slice(a.k, _rows(plan.keep_kv[i], hd), 0)
@@ -156,11 +206,28 @@ def apply_plan(model: nn.Module, structure: Structure, plan: Plan) -> nn.Module:
             for lin in [m.up] + ([m.gate] if m.gate is not None else []):
                 _slice(lin, plan.keep_channels[i], 0)
             _slice(m.down, plan.keep_channels[i], 1)
+        if i in plan.keep_experts:
+            _cut_experts(layer.moe, plan.keep_experts[i])
+    if plan.keep_experts and hasattr(model, "num_experts"):  # the causal-LM head's aux-loss bookkeeping
+        model.num_experts = plan.config[structure.family.experts_key]
     if plan.drop_layers:
         _drop_layers(model, structure, plan.drop_layers)
     for key, value in plan.config.items():
         setattr(model.config, key, value)
     return model
+
+
+def _cut_experts(moe, keep: list[int]) -> None:
+    """Keep routed experts `keep`: both fused expert tensors, the router rows (and bias)."""
+    idx = torch.as_tensor(keep, device=moe.router.weight.device)
+    for owner, name in ((moe.experts, "gate_up_proj"), (moe.experts, "down_proj"), (moe.router, "weight"),
+                        (moe.router, "bias")):
+        param = getattr(owner, name, None)
+        if isinstance(param, torch.Tensor):
+            setattr(owner, name, nn.Parameter(param.data.index_select(0, idx).clone(), requires_grad=param.requires_grad))
+    for owner in (moe.experts, moe.router):
+        if hasattr(owner, "num_experts"):
+            owner.num_experts = len(keep)
 
 
 def _drop_layers(model: nn.Module, structure: Structure, drop: list[int]) -> None:

@@ -15,7 +15,8 @@ from dsc.prune.plan import Plan, apply_plan, make_plan
 
 def _needs_data(cfg: PruneConfig) -> bool:
     width = bool(cfg.heads or cfg.channels) and cfg.importance in ("activation", "taylor")
-    return width or (bool(cfg.layers) and cfg.layer_importance == "block")
+    experts = bool(cfg.experts) and cfg.expert_importance != "random"
+    return width or experts or (bool(cfg.layers) and cfg.layer_importance == "block")
 
 
 def plan(model, cfg: PruneConfig, ctx) -> Plan:

@@ -102,7 +102,7 @@ def test_unsupported_family_names_the_supported_ones(tokenizer, ctx):
     from transformers import AutoModelForCausalLM, GPT2Config
 
     model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4))
-    with pytest.raises(DscInputError, match="supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(DscInputError, match="supported: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe"):
         plan(model, PruneConfig(channels=0.5), ctx)
 
 
@@ -163,3 +163,109 @@ def test_global_ratio_reaches_the_target(tokenizer, ctx, kinds):
     assert not ({"heads", "channels", "layers"} - set(kinds)) & {
         k for k, changed in (("heads", bool(p.keep_heads)), ("channels", bool(p.keep_channels)),
                              ("layers", bool(p.drop_layers))) if changed}
+
+
+def tiny_moe(family: str, vocab: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=2)
+    if family == "mixtral":
+        config = MixtralConfig(**common, num_local_experts=4)
+    else:
+        cls = Qwen2MoeConfig if family == "qwen2_moe" else Qwen3MoeConfig
+        extra = {"shared_expert_intermediate_size": 24} if family == "qwen2_moe" else {"head_dim": 8}
+        config = cls(**common, num_experts=4, moe_intermediate_size=16, mlp_only_layers=[1], decoder_sparse_step=1,
+                     **extra)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+MOE_CUTS = {
+    "experts": dict(experts=0.5),
+    "experts by frequency": dict(experts=0.5, expert_importance="frequency"),
+    "heads": dict(heads=0.5),
+    "layers + experts": dict(layers=0.25, experts=0.5, layer_importance="random"),
+}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("cut", MOE_CUTS, ids=list(MOE_CUTS))
+def test_moe_cut_saves_reloads_and_matches(family, cut, tokenizer, ctx, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = apply_stage("prune", tiny_moe(family, len(tokenizer)), PruneConfig(**MOE_CUTS[cut]), ctx)
+    pruned, summary = out.model, out.metrics["plan"]
+    assert summary["params_after"] == param_counts(pruned)["params"] < summary["params_before"]
+    pruned.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert param_counts(again)["params"] == summary["params_after"]
+    ids = torch.randint(0, len(tokenizer), (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, again(ids).logits, rtol=0, atol=1e-5)
+        again.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    if "experts" in MOE_CUTS[cut]:
+        key = "num_local_experts" if family == "mixtral" else "num_experts"
+        assert getattr(again.config, key) == 2 and again.config.num_experts_per_tok <= 2
+
+
+def test_dense_layers_of_an_moe_keep_their_kind(tokenizer, ctx, tmp_path):
+    """qwen2-moe says which layers are dense by index: dropping layers restates it."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_moe("qwen2_moe", len(tokenizer))  # layer 1 is dense
+    ignore = [r"layers\.(1|2|3)$"]  # drop layer 0: the dense layer becomes layer 0
+    out = apply_stage("prune", model, PruneConfig(layers=0.25, layer_importance="random", ignore=ignore,
+                                                  channels=0.5), ctx)
+    out.model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config.mlp_only_layers == [0] and again.config.intermediate_size == 24
+    assert not hasattr(again.model.layers[0].mlp, "experts") and hasattr(again.model.layers[1].mlp, "experts")
+
+
+def test_experts_kept_are_the_most_used(tokenizer, ctx):
+    """Router usage: the experts kept in each layer are those with the most routing weight on the
+    calibration data, recomputed here from the router's own outputs."""
+    model = tiny_moe("mixtral", len(tokenizer))
+    usage = {i: torch.zeros(4) for i in range(4)}
+
+    def record(i):
+        def hook(mod, args, out):
+            usage[i].index_add_(0, out[2].reshape(-1), out[1].reshape(-1).float())
+        return hook
+
+    hooks = [layer.mlp.gate.register_forward_hook(record(i)) for i, layer in enumerate(model.model.layers)]
+    blocks = ctx.data["t"].blocks("calibration")[:32]
+    with torch.no_grad():
+        for k in range(0, len(blocks), 4):
+            model(blocks[k:k + 4])
+    for h in hooks:
+        h.remove()
+    p = plan(model, PruneConfig(experts=0.5), ctx)
+    for i, u in usage.items():
+        assert p.keep_experts[i] == sorted(torch.argsort(u, descending=True)[:2].tolist())
+
+
+def test_too_few_experts_for_top_k(tokenizer, ctx):
+    with pytest.raises(FieldError, match="fewer than the 2 each token is routed to"):
+        plan(tiny_moe("mixtral", len(tokenizer)), PruneConfig(experts=0.75), ctx)
+
+
+def test_gpt_neox_channels_and_layers(tokenizer, ctx, tmp_path):
+    """A family with other module names (fused query_key_value, dense_h_to_4h)."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=256)).eval()
+    out = apply_stage("prune", model, PruneConfig(channels=0.5, layers=0.25, importance="taylor"), ctx)
+    out.model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (again.config.intermediate_size, again.config.num_hidden_layers) == (32, 3)
+    assert param_counts(again)["params"] == out.metrics["plan"]["params_after"]
+    ids = torch.randint(0, len(tokenizer), (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(out.model(ids).logits, again(ids).logits, rtol=0, atol=1e-5)
+    with pytest.raises(FieldError, match="heads: gpt-neox derives its head size"):
+        plan(model, PruneConfig(heads=0.5), ctx)
