@@ -169,3 +169,15 @@ def test_changed_checkpoint_refuses_resume(llama_dir, text_file, tmp_path):
     longer = recipe_dict(llama_dir, text_file, out, [{"cast": {}}, {"evaluate": EVAL}])
     with pytest.raises(DscInputError, match="changed since stage 0 wrote it"):
         run_recipe(validate(longer, base_dir=tmp_path))
+
+
+def test_iterative_pruning_records_each_plan(llama_dir, text_file, tmp_path):
+    """Prune a little, evaluate, prune again: each step's plan is in its stage folder."""
+    out = tmp_path / "out"
+    prune = {"prune": {"channels": 0.25, "data": "t", "split": "train", "num_samples": 4}}
+    run_recipe(validate(recipe_dict(llama_dir, text_file, out, [prune, {"evaluate": EVAL}, prune]),
+                        base_dir=tmp_path))
+    first = json.loads((out / "stages" / "00-prune" / "plan.json").read_text())
+    second = json.loads((out / "stages" / "02-prune" / "plan.json").read_text())
+    assert first["config"]["intermediate_size"] == 48 and second["config"]["intermediate_size"] == 36
+    assert json.loads((out / "model" / "config.json").read_text())["intermediate_size"] == 36
