@@ -58,7 +58,7 @@ def measure(model, wiki, args) -> dict:
 def run_dsc(teacher, tok, cfg: PruneConfig, calib, wiki, args) -> dict:
     model = copy.deepcopy(teacher)
     ctx = Context.create(tok, {}, device="cpu")
-    ctx.data._ready["calib"] = _as_data(calib)
+    ctx.data.put(_as_data(calib))
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
         chosen = plan(model, cfg.model_copy(update={"data": "calib", "split": "all"}), ctx)

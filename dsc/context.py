@@ -63,6 +63,11 @@ class DataStore:
     def default(self) -> str:
         return next(iter(self.sources))
 
+    def put(self, data: TokenData) -> None:
+        """Register tokens prepared elsewhere (benchmarks, notebooks) under `data.name`."""
+        self.sources.setdefault(data.name, None)
+        self._ready[data.name] = data
+
     def _generate(self, src: TeacherSource) -> torch.Tensor:
         if self.teacher is None:
             raise DscInputError("data", "teacher-generated data needs a teacher: pass teacher= to the Context")
