@@ -3,7 +3,10 @@
 Width importance works on element scores S (same shape as each weight), summed over the rows and
 columns a structural unit owns:
   magnitude:  S = |W| (l1) or W² (l2)
-  activation: S = |W| · ‖X_col‖₂ over calibration tokens (Wanda), X the linear's input
+  activation: S = |W| · ‖X_col‖₂ over calibration tokens (Wanda), on the output projections
+              (o_proj, down_proj) only: what a head or channel writes to the residual stream.
+              (Adding the input side, q/k/v/gate/up, measured worse: SmolLM2 −30 %, 4 windows:
+              ppl 436 with it, 314 without.)
   taylor:     S = |W ⊙ ∂L/∂W| with the LM loss summed over calibration data (LLM-Pruner)
   random:     seeded uniform scores (a baseline)
 Depth importance (ShortGPT's block influence): 1 − cos(layer input, layer output), averaged over
@@ -41,6 +44,11 @@ def _linears(structure: Structure) -> list[nn.Linear]:
     return out
 
 
+def _outputs(structure: Structure) -> list[nn.Linear]:
+    """The projections that write heads and channels back to the residual stream."""
+    return [layer.attn.o for layer in structure.layers] + [layer.mlp.down for layer in structure.dense()]
+
+
 def calibration_batches(blocks: torch.Tensor, batch_size: int, device) -> list[torch.Tensor]:
     return [blocks[i:i + batch_size].to(device) for i in range(0, len(blocks), batch_size)]
 
@@ -58,7 +66,7 @@ def calibrate(model: nn.Module, structure: Structure, batches, block_influence: 
     """One calibration pass: ‖X_col‖² of every linear's input, router statistics and, optionally,
     block influence."""
     sq = {id(lin): torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device)
-          for lin in _linears(structure)}
+          for lin in _outputs(structure)}
     bi = torch.zeros(len(structure.layers), dtype=torch.float64)
     usage = {layer.index: torch.zeros(layer.moe.num_experts, dtype=torch.float64) for layer in structure.sparse()}
     freq = {i: torch.zeros_like(u) for i, u in usage.items()}
@@ -84,7 +92,7 @@ def calibrate(model: nn.Module, structure: Structure, batches, block_influence: 
             bi[index] += (1 - cos).sum().cpu()
         return hook
 
-    for lin in _linears(structure):
+    for lin in _outputs(structure):
         hooks.append(lin.register_forward_pre_hook(pre))
     if block_influence:
         for layer in structure.layers:
@@ -167,7 +175,11 @@ def compute(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor | 
     grads = taylor_grads(model, structure, batches) if (cfg.heads or cfg.channels) and cfg.importance == "taylor" else None
     gen = torch.Generator().manual_seed(cfg.seed)
 
+    outputs = {id(lin) for lin in _outputs(structure)}
+
     def element(lin):
+        if cfg.importance == "activation" and id(lin) not in outputs:
+            return torch.zeros(lin.weight.shape)  # activation importance reads the output side only
         return element_scores(lin, cfg.importance, cfg.norm, cal.sq if cal else None, grads, gen)
 
     scores = Scores({}, {}, {}, {}, None)
