@@ -56,9 +56,10 @@ class PruneConfig(Config):
         if not (self.ratio or per_kind):
             raise ValueError("nothing to prune: set ratio, or heads, channels, layers or experts above 0")
         if self.ratio and not self.kinds:
-            raise ValueError("a global ratio needs at least one of kinds: heads, channels, layers")
+            raise ValueError("a global ratio needs at least one of kinds: heads, channels, layers, experts")
         return self
 
-    def per_kind(self, fraction: float) -> "PruneConfig":
-        """The per-kind config that cuts `fraction` of every kind in `kinds`."""
-        return self.model_copy(update={"ratio": 0.0, **{k: fraction for k in self.kinds}})
+    def per_kind(self, fraction: float, kinds: list[str] | None = None) -> "PruneConfig":
+        """The per-kind config that cuts `fraction` of every kind in `kinds` (default: self.kinds);
+        `ratio` stays set so the plan knows the cut is a global one."""
+        return self.model_copy(update={k: fraction for k in (kinds if kinds is not None else self.kinds)})

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsc.errors import FieldError
 from dsc.structure import Structure
 
 
@@ -113,8 +114,11 @@ def calibrate(model: nn.Module, structure: Structure, batches, block_influence: 
 
 def taylor_grads(model: nn.Module, structure: Structure, batches) -> dict[int, torch.Tensor]:
     """∂L/∂W of every pruned linear, the LM loss summed over the calibration batches."""
+    if not batches:
+        raise FieldError("num_samples", "taylor importance needs calibration data: the split gave no blocks")
     linears = _linears(structure)
     flags = {p: p.requires_grad for p in model.parameters()}
+    saved = {id(lin): lin.weight.grad for lin in linears}  # a caller's gradients survive scoring
     grads = {}
     try:
         for p in model.parameters():
@@ -129,7 +133,7 @@ def taylor_grads(model: nn.Module, structure: Structure, batches) -> dict[int, t
         grads = {id(lin): lin.weight.grad.detach() for lin in linears}
     finally:
         for lin in linears:
-            lin.weight.grad = None
+            lin.weight.grad = saved[id(lin)]
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return grads
@@ -146,21 +150,26 @@ def element_scores(lin: nn.Linear, kind: str, norm: str, sq=None, grads=None, ge
     return torch.rand(w.shape, generator=gen)
 
 
+def _rows(s: torch.Tensor | None, units: int) -> torch.Tensor | float:
+    """Sum of element scores over each unit's block of rows; 0 where a side is not scored."""
+    return 0.0 if s is None else s.view(units, -1).sum(1)
+
+
 def head_scores(a, element) -> tuple[torch.Tensor, torch.Tensor]:
-    """(num_heads,) and (num_kv_heads,) from the q/k/v rows and o columns each owns."""
-    hd = a.head_dim
-    sq_, sk, sv, so = (element(lin) for lin in (a.q, a.k, a.v, a.o))
-    h = sq_.view(a.num_heads, hd, -1).sum((1, 2)) + so.view(so.shape[0], a.num_heads, hd).sum((0, 2))
-    g = h.view(a.num_kv_heads, a.group_size).sum(1)
-    g = g + sk.view(a.num_kv_heads, hd, -1).sum((1, 2)) + sv.view(a.num_kv_heads, hd, -1).sum((1, 2))
+    """(num_heads,) and (num_kv_heads,) from the q/k/v rows and o columns each owns (head-major;
+    query head h reads KV head h // group_size, as repeat_kv lays them out)."""
+    so = element(a.o)  # (hidden, heads · head_dim), always scored
+    h = so.view(so.shape[0], a.num_heads, a.head_dim).sum((0, 2)) + _rows(element(a.q), a.num_heads)
+    g = h.view(a.num_kv_heads, a.group_size).sum(1) + _rows(element(a.k), a.num_kv_heads)
+    g = g + _rows(element(a.v), a.num_kv_heads)
     return h.cpu(), g.cpu()
 
 
 def channel_scores(m, element) -> torch.Tensor:
     """(width,) from the gate/up rows and down columns each channel owns."""
-    c = element(m.up).sum(1) + element(m.down).sum(0)
+    c = element(m.down).sum(0) + _rows(element(m.up), m.width)
     if m.gate is not None:
-        c = c + element(m.gate).sum(1)
+        c = c + _rows(element(m.gate), m.width)
     return c.cpu()
 
 
@@ -179,7 +188,7 @@ def compute(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor | 
 
     def element(lin):
         if cfg.importance == "activation" and id(lin) not in outputs:
-            return torch.zeros(lin.weight.shape)  # activation importance reads the output side only
+            return None  # activation importance reads the output side only
         return element_scores(lin, cfg.importance, cfg.norm, cal.sq if cal else None, grads, gen)
 
     scores = Scores({}, {}, {}, {}, None)

@@ -69,6 +69,8 @@ def make_plan(model: nn.Module, structure: Structure, scores: Scores, cfg) -> Pl
         _plan_channels(structure, scores, cfg, kept, plan)
     if cfg.experts:
         _plan_experts(structure, scores, cfg, kept, plan)
+    if plan.drop_layers and getattr(model.config, "layer_types", None):
+        plan.config["layer_types"] = [t for i, t in enumerate(model.config.layer_types) if i not in plan.drop_layers]
     if plan.drop_layers and structure.family.name == "qwen-moe":
         # which layers are dense is given by index: restate it for the renumbered layers
         plan.config["mlp_only_layers"] = [new for new, layer in enumerate(kept) if layer.mlp is not None]
@@ -85,7 +87,7 @@ def _drop(structure: Structure, scores: Scores, cfg) -> list[int]:
     if not cfg.layers:
         return []
     candidates = _select_layers(structure, cfg)
-    n_drop = min(round(len(structure.layers) * cfg.layers), len(candidates), len(structure.layers) - 1)
+    n_drop = min(int(len(structure.layers) * cfg.layers + 0.5), len(candidates), len(structure.layers) - 1)
     return sorted(sorted(candidates, key=lambda i: (scores.layers[i].item(), i))[:n_drop])
 
 
@@ -96,17 +98,18 @@ def _plan_heads(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> 
                          "removing heads would change the hidden size. Prune channels or layers instead")
     heads, kv_heads = structure.num_heads, structure.num_kv_heads
     gs = heads // kv_heads
-    if cfg.head_mode == "groups":
+    mode = "groups" if gs == 1 else cfg.head_mode  # one head per KV head: cutting heads is cutting groups
+    if mode == "groups":
         new_kv = max(1, round(kv_heads * (1 - cfg.heads)))
         new_heads = new_kv * gs
     else:
         new_kv, new_heads = kv_heads, max(1, round(gs * (1 - cfg.heads))) * kv_heads
     if new_heads == heads:
-        plan.notes.append(f"heads: {cfg.heads} of {heads} heads ({cfg.head_mode}) rounds to no cut")
+        plan.notes.append(f"heads: {cfg.heads} of {heads} heads ({mode}) rounds to no cut")
         return
     for layer in kept:
         plan.keep_kv[layer.index], plan.keep_heads[layer.index] = _keep_heads(
-            scores, layer.index, cfg.head_mode, kv_heads, gs, new_heads, new_kv)
+            scores, layer.index, mode, kv_heads, gs, new_heads, new_kv)
     plan.config.update(num_attention_heads=new_heads, num_key_value_heads=new_kv,
                        head_dim=structure.layers[0].attn.head_dim)
 
@@ -117,8 +120,11 @@ def _plan_channels(structure: Structure, scores: Scores, cfg, kept, plan: Plan) 
         raise FieldError("channels", "this model has no dense MLP layers (expert width pruning is not supported "
                          "yet): prune experts, heads or layers")
     width = structure.dense()[0].mlp.width
+    if cfg.channel_multiple > width:
+        raise FieldError("channel_multiple", f"{cfg.channel_multiple} exceeds the MLP width ({width})")
     new_width = max(cfg.channel_multiple, int(width * (1 - cfg.channels)) // cfg.channel_multiple * cfg.channel_multiple)
     if new_width == width:
+        plan.notes.append(f"channels: {cfg.channels} of {width} rounds to no cut")
         return
     for layer in dense:
         plan.keep_channels[layer.index] = _top(scores.channels[layer.index], new_width)
@@ -131,6 +137,8 @@ def _plan_experts(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -
         raise FieldError("experts", "this model has no mixture-of-experts layers")
     n, top_k = sparse[0].moe.num_experts, sparse[0].moe.top_k
     new_n = round(n * (1 - cfg.experts))
+    if new_n < top_k and cfg.ratio:  # a global ratio only asks for as many as routing allows
+        new_n = top_k
     if new_n < top_k:
         raise FieldError("experts", f"{cfg.experts} of {n} experts leaves {new_n}, fewer than the "
                          f"{top_k} each token is routed to (num_experts_per_tok): lower it")

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from dsc.errors import FieldError
 from dsc.fingerprint import write_json
 from dsc.stages import StageOutput
 from dsc.structure import describe
@@ -22,28 +23,44 @@ def _needs_data(cfg: PruneConfig) -> bool:
 def plan(model, cfg: PruneConfig, ctx) -> Plan:
     """Score the model and choose the cut, without changing it."""
     structure = describe(model)
-    scoring = cfg.per_kind(0.5) if cfg.ratio else cfg  # scores for every kind a global ratio may cut
+    kinds = cuttable(structure, cfg) if cfg.ratio else []
+    scoring = cfg.per_kind(0.5, kinds) if cfg.ratio else cfg  # scores for every kind a global ratio may cut
     blocks = None
     if _needs_data(scoring):
         blocks = ctx.data[cfg.data or ctx.data.default()].blocks(cfg.split)[: cfg.num_samples]
     scores = compute(model, structure, scoring, blocks)
     if not cfg.ratio:
         return make_plan(model, structure, scores, cfg)
-    return _global(model, structure, scores, cfg)
+    return _global(model, structure, scores, cfg, kinds)
 
 
-def _global(model, structure, scores, cfg: PruneConfig) -> Plan:
+def cuttable(structure, cfg: PruneConfig) -> list[str]:
+    """The kinds of a global ratio this model has: others are skipped with a note, not an error."""
+    family = structure.family
+    has = {"heads": family.fixed_head_dim and not family.qkv, "channels": bool(structure.dense()),
+           "layers": len(structure.layers) > 1, "experts": bool(structure.sparse())}
+    kinds = [k for k in cfg.kinds if has[k]]
+    if not kinds:
+        raise FieldError("kinds", f"{family.name} cannot cut any of {cfg.kinds}: "
+                         f"it can cut {[k for k, ok in has.items() if ok]}")
+    return kinds
+
+
+def _global(model, structure, scores, cfg: PruneConfig, kinds: list[str]) -> Plan:
     """Bisect the one per-kind fraction whose plan removes `ratio` of the non-embedding parameters
     (plans are cheap: scores are computed once). Rounding makes the result the closest reachable."""
-    lo, hi, best = 0.0, 0.99, None
+    lo, hi, best, best_f = 0.0, 0.99, None, 0.0
     for _ in range(24):
         mid = (lo + hi) / 2
-        candidate = make_plan(model, structure, scores, cfg.per_kind(mid))
+        candidate = make_plan(model, structure, scores, cfg.per_kind(mid, kinds))
         removed = candidate.summary()["removed_fraction_non_embedding"]
         if best is None or abs(removed - cfg.ratio) < abs(best.summary()["removed_fraction_non_embedding"] - cfg.ratio):
-            best = candidate
+            best, best_f = candidate, mid
         lo, hi = (mid, hi) if removed < cfg.ratio else (lo, mid)
-    best.notes.append(f"global ratio {cfg.ratio}: per-kind fraction {lo:.4f} over {', '.join(cfg.kinds)}")
+    achieved = best.summary()["removed_fraction_non_embedding"]
+    skipped = [k for k in cfg.kinds if k not in kinds]
+    best.notes.append(f"global ratio {cfg.ratio}: {achieved:.4f} removed with fraction {best_f:.4f} of "
+                      f"{', '.join(kinds)}" + (f"; skipped (not in this model): {', '.join(skipped)}" if skipped else ""))
     return best
 
 
@@ -54,5 +71,5 @@ def apply(model, cfg: PruneConfig, ctx) -> StageOutput:
         write_json(ctx.stage_dir / "plan.json", chosen.to_dict())
     ctx.log.info("pruned: %d → %d non-embedding parameters (%.1f%% removed)", chosen.params_non_embedding_before,
                  chosen.params_non_embedding_after, 100 * chosen.summary()["removed_fraction_non_embedding"],
-                 extra={"event": "pruned", **chosen.config})
+                 extra={"event": "pruned", **{k: v for k, v in chosen.config.items() if k != "layer_types"}})
     return StageOutput(model, {"plan": chosen.summary()})

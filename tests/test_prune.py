@@ -269,3 +269,67 @@ def test_gpt_neox_channels_and_layers(tokenizer, ctx, tmp_path):
         torch.testing.assert_close(out.model(ids).logits, again(ids).logits, rtol=0, atol=1e-5)
     with pytest.raises(FieldError, match="heads: gpt-neox derives its head size"):
         plan(model, PruneConfig(heads=0.5), ctx)
+
+
+@pytest.mark.parametrize("head_mode", ["per_group", "groups"])
+def test_cut_equals_masking_the_same_units(tokenizer, ctx, head_mode):
+    """Functional check of the cut: the pruned model computes exactly what the original computes
+    with the dropped heads' o_proj columns, dropped channels' down_proj columns and dropped
+    layers' outputs zeroed (a zero-output layer is the identity on the residual stream)."""
+    import copy
+
+    original = tiny("llama", len(tokenizer))
+    cfg = PruneConfig(heads=0.5, head_mode=head_mode, channels=0.5, layers=0.25, importance="random",
+                      layer_importance="random", seed=3)
+    p = plan(original, cfg, ctx)
+    masked = copy.deepcopy(original)
+    hd = original.config.head_dim
+    for i, layer in enumerate(masked.model.layers):
+        o, down = layer.self_attn.o_proj.weight.data, layer.mlp.down_proj.weight.data
+        if i in p.drop_layers:
+            o.zero_(), down.zero_()
+            continue
+        for h in set(range(original.config.num_attention_heads)) - set(p.keep_heads[i]):
+            o[:, h * hd:(h + 1) * hd] = 0
+        down[:, sorted(set(range(64)) - set(p.keep_channels[i]))] = 0
+    pruned = apply_stage("prune", original, cfg, ctx).model
+    ids = torch.randint(0, len(tokenizer), (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, masked(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_biases_and_multi_head_attention(tokenizer, ctx, tmp_path):
+    """Biased projections, one KV head per query head (group size 1), channel multiples."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, attention_bias=True, mlp_bias=True, max_position_embeddings=256)).eval()
+    out = apply_stage("prune", model, PruneConfig(heads=0.5, channels=0.3, channel_multiple=16), ctx)
+    assert (out.model.config.num_attention_heads, out.model.config.num_key_value_heads) == (2, 2)
+    assert out.model.config.intermediate_size == 32  # 64 · 0.7 = 44.8, down to a multiple of 16
+    assert out.metrics["plan"]["params_after"] == param_counts(out.model)["params"]
+    out.model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, len(tokenizer), (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(out.model(ids).logits, again(ids).logits, rtol=0, atol=1e-5)
+    with pytest.raises(FieldError, match="channel_multiple: 128 exceeds the MLP width"):
+        plan(again, PruneConfig(channels=0.5, channel_multiple=128), ctx)
+
+
+def test_global_ratio_skips_kinds_the_model_lacks(tokenizer, ctx):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    torch.manual_seed(0)
+    neox = AutoModelForCausalLM.from_config(GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=256)).eval()
+    p = plan(neox, PruneConfig(ratio=0.2, importance="magnitude"), ctx)  # default kinds: heads, channels
+    assert p.keep_channels and not p.keep_heads and "skipped (not in this model): heads" in p.notes[-1]
+    moe = tiny_moe("mixtral", len(tokenizer))
+    p = plan(moe, PruneConfig(ratio=0.6, kinds=["experts"]), ctx)  # more than routing allows: clamps at top-k
+    assert p.config["num_local_experts"] == 2
+    with pytest.raises(FieldError, match="kinds: mixtral cannot cut any of"):
+        plan(moe, PruneConfig(ratio=0.3, kinds=["channels"]), ctx)
