@@ -51,15 +51,16 @@ def update_manifest(out: RunDir, recipe: Recipe, root: dict, start: int, log) ->
     """manifest.json keeps the first run's facts and appends one entry per (re)start."""
     path = out.path / "manifest.json"
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    current = versions()
     old = read_json(path) if path.is_file() and start else None
-    if old and old["versions"] != versions():
+    if old and old["versions"] != current:
         log.warning("resuming with other versions than the finished stages used: %s -> %s", old["versions"],
-                    versions(), extra={"event": "version_change"})
+                    current, extra={"event": "version_change"})
     manifest = {
-        "versions": versions(),
+        "versions": current,
         "created": old["created"] if old else now,
         "fingerprints": {**root, "recipe": hash_json({k: v for k, v in recipe.to_dict().items() if k != "output"})},
-        "starts": (old.get("starts", []) if old else []) + [{"at": now, "from_stage": start, "versions": versions()}],
+        "starts": (old.get("starts", []) if old else []) + [{"at": now, "from_stage": start, "versions": current}],
     }
     write_json(path, manifest)
 
@@ -150,7 +151,8 @@ def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root:
     publish = recipe.output.save_model and (not marker.is_file() or read_json(marker) != origin)
     if not recipe.output.save_model:
         shutil.rmtree(out.model, ignore_errors=True)  # never leave a model that is not this recipe's
-    session = _Session(recipe, out, root, log) if todo or publish else None
+    # Copying a finished checkpoint to OUT/model needs no model, tokenizer or data.
+    session = _Session(recipe, out, root, log) if todo or (publish and last is None) else None
     model = session.working_model(start) if todo else None
     for i in todo:
         model = _run_stage(i, recipe, out, chain[i], model, session, log)

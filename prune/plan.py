@@ -249,5 +249,4 @@ def _drop_layers(model: nn.Module, structure: Structure, drop: list[int]) -> Non
             attn.layer_idx = new
         if hasattr(layer.module, "layer_idx"):
             layer.module.layer_idx = new
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in drop]
+    # config fields that index layers (layer_types, mlp_only_layers) are in plan.config, set by apply_plan
