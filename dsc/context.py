@@ -85,6 +85,7 @@ class Context:
     seed: int = 0
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("dsc"))
     stage_dir: Path | None = None  # scratch folder of the running stage (renamed when it finishes)
+    work_dir: Path | None = None  # the running stage's checkpoints: survive a kill, removed once it finishes
     baseline_dir: Path | None = None  # where teacher measurements are kept across stages and resumes
     teacher_loader: Callable[[], Any] | None = None
     _teacher: Any = None
@@ -110,6 +111,11 @@ class Context:
             self._teacher = self.teacher_loader()
         self._teacher.eval().requires_grad_(False)
         return self._teacher
+
+    def release_teacher(self) -> None:
+        """Free the teacher's memory (reloaded if a later stage asks for it)."""
+        if self.teacher_loader is not None:
+            self._teacher = None
 
     def forget_teacher_if(self, model) -> None:
         """The runner shares the teacher object as the working model until a stage changes it."""

@@ -200,6 +200,14 @@ def _cross_stage(stages: tuple[StageSpec, ...], data: dict[str, Any], limit: int
         if split not in (None, "all") and data[name].splits.get(split, 0) == 0:
             problems.append(DscInputError(f"{where}.split", f"source {name!r} gives split {split!r} no blocks: "
                                           "add it to that source's `splits` or use split: all"))
+        eval_split = getattr(cfg, "eval_split", None)
+        if eval_split not in (None, "none", "all") and data[name].splits.get(eval_split, 0) == 0:
+            problems.append(DscInputError(f"{where}.eval_split", f"source {name!r} gives split {eval_split!r} no "
+                                          "blocks: add it to that source's `splits`, or use eval_split: none"))
+        seq_len = getattr(cfg, "seq_len", None)
+        if seq_len and seq_len > data[name].block_size:
+            problems.append(DscInputError(f"{where}.seq_len", f"{seq_len} > data.{name}.block_size "
+                                          f"({data[name].block_size}): lower seq_len or raise block_size"))
         if length and split not in (None, "all") and length > data[name].block_size:
             problems.append(DscInputError(f"{where}.context_length", f"{length} > data.{name}.block_size "
                                           f"({data[name].block_size}): windows would join blocks that are not adjacent "

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dsc.config import Config
-from dsc import prune
+from dsc import distill, prune
 from dsc.stages import cast, evaluate
 
 
@@ -23,4 +23,8 @@ STAGES: dict[str, Stage] = {
     "cast": Stage(cast.CastConfig, cast.apply, True, "store weights in bfloat16 / float16"),
     "prune": Stage(prune.PruneConfig, prune.apply, True,
                    "structured pruning of heads (GQA-aware), MLP channels and layers into a smaller model"),
+    "distill": Stage(distill.DistillConfig, distill.apply, True,
+                     "knowledge distillation from the teacher: KL on logits, hidden-state matching, LM loss"),
+    "lora": Stage(distill.LoraConfig, distill.apply_lora, True,
+                  "LoRA (or QLoRA) recovery fine-tuning with the distillation or LM loss, merged into the model"),
 }

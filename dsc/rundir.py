@@ -4,6 +4,8 @@
     OUT/manifest.json     versions and fingerprints (recipe, teacher weights, data, seed)
     OUT/stages/NN-name/   one folder per finished stage: stage.json, metrics.json, model/
     OUT/baseline/         teacher measurements, one file per evaluation protocol
+    OUT/work/NN-name-FP/  checkpoints of a training stage in progress (a resume continues from
+                          them; FP is the stage's fingerprint, so a changed recipe never does)
     OUT/model/            the final Lite model
     OUT/metrics.json, OUT/report.md, OUT/quality_vs_size.png
 
@@ -30,6 +32,7 @@ class RunDir:
         self.baseline = self.path / "baseline"
         self.model = self.path / "model"
         self.data = self.path / "data"
+        self.work = self.path / "work"
         self._lock = None
 
     def acquire(self) -> None:
@@ -63,9 +66,9 @@ class RunDir:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def clear(self) -> None:
+    def clear(self, keep_work: bool = False) -> None:
         """--fresh: remove everything a previous run wrote (the lock stays held)."""
-        for name in ("stages", "baseline", "model", "data"):
+        for name in ("stages", "baseline", "model", "data") + (() if keep_work else ("work",)):
             shutil.rmtree(self.path / name, ignore_errors=True)
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
@@ -86,6 +89,16 @@ class RunDir:
     def tmp_stage_dir(self, index: int, name: str) -> Path:
         return self.stages / f".tmp-{index:02d}-{name}"
 
+    def work_dir(self, index: int, name: str, fingerprint: str) -> Path:
+        return self.work / f"{index:02d}-{name}-{fingerprint[:12]}"
+
+    def keep_work(self, valid: set[Path]) -> None:
+        """Remove training checkpoints that no stage of this recipe can resume from."""
+        if self.work.is_dir():
+            for p in self.work.iterdir():
+                if p not in valid:
+                    shutil.rmtree(p, ignore_errors=True)
+
     def finished(self) -> dict[int, dict]:
         """index → stage.json of every stage whose folder is complete."""
         out = {}
@@ -100,8 +113,8 @@ class RunDir:
         """Index of the first stage to run. Refuses when finished work came from another recipe."""
         done = self.finished()
         manifest = read_json(self.path / "manifest.json") if (self.path / "manifest.json").is_file() else None
-        if not done:  # nothing finished, nothing to lose: start clean under the new inputs
-            self.clear()
+        if not done:  # nothing finished: start clean, but keep a first training stage's checkpoints
+            self.clear(keep_work=True)
             return 0
         if manifest and manifest["fingerprints"]["root"] != root["root"]:
             changed = [k for k in ("teacher", "data", "seed") if manifest["fingerprints"].get(k) != root.get(k)]

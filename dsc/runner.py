@@ -77,6 +77,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, fresh: bool = F
         root, chain = fingerprints(recipe)
         start = out.check_resume(chain, [s.name for s in recipe.stages],
                                  [s.config.model_dump() for s in recipe.stages], root)
+        out.keep_work({out.work_dir(i, s.name, chain[i]) for i, s in enumerate(recipe.stages) if i >= start})
         write_text(out.path / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         update_manifest(out, recipe, root, start, log)
         if start:
@@ -173,7 +174,7 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
     tmp.mkdir(parents=True)
     if stage.changes_model:
         ctx.forget_teacher_if(model)  # the stage may edit the model in place: the teacher reloads
-    ctx.stage_dir = tmp
+    ctx.stage_dir, ctx.work_dir = tmp, out.work_dir(i, spec.name, fingerprint)
     log.info("stage %d/%d: %s", i + 1, len(recipe.stages), spec.name,
              extra={"event": "stage_start", "index": i, "stage": spec.name})
     t0 = time.perf_counter()
@@ -182,7 +183,7 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
     except FieldError as exc:  # the stage names a field of its own config: prefix its recipe path
         raise DscInputError(f"{spec.path}.{exc.path}", exc.message) from exc
     finally:
-        ctx.stage_dir = None
+        ctx.stage_dir = ctx.work_dir = None
     seconds = time.perf_counter() - t0
     metrics, info = dict(result.metrics), {"files": None}
     if stage.changes_model:
@@ -195,6 +196,7 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
                                     "dsc_version": __version__,
                                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     replace_dir(tmp, final)
+    shutil.rmtree(out.work_dir(i, spec.name, fingerprint), ignore_errors=True)  # finished: nothing to resume
     log.info("stage %d/%d: %s done in %.1fs", i + 1, len(recipe.stages), spec.name, seconds,
              extra={"event": "stage_done", "index": i, "stage": spec.name, "seconds": seconds})
     if not stage.changes_model:

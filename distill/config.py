@@ -1,0 +1,97 @@
+"""Schemas of the training stages: one `TrainConfig` (the shared loop), the KD loss fields both
+stages use, and what `distill` and `lora` add."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dsc.config import Config
+
+
+class TrainConfig(Config):
+    """The shared training loop: budget, optimizer, schedule, precision, checkpoints, evaluation."""
+
+    data: str | None = Field(None, description="training data source (default: the recipe's first)")
+    split: Literal["train", "calibration", "eval", "all"] = Field("train", description="split to train on")
+    eval_split: Literal["eval", "train", "calibration", "none"] = Field(
+        "eval", description="held-out split for periodic evaluation (none: no evaluation)")
+    steps: int | None = Field(None, gt=0, description="optimizer steps (or give `tokens`)")
+    tokens: int | None = Field(None, gt=0, description="token budget: steps = tokens / tokens per step")
+    batch_size: int = Field(4, gt=0, description="sequences per micro-batch (per process)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    seq_len: int | None = Field(None, gt=1, description="tokens per sequence (default: the source's block_size; "
+                                                         "shorter crops each block)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup: float = Field(0.05, ge=0, lt=1, description="fraction of the steps spent warming the LR up linearly")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr × min_lr_ratio")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (null: none)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype; auto: bf16 on a CUDA device that supports it, else fp32")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the start and the end)")
+    eval_batches: int = Field(8, gt=0, description="held-out micro-batches per evaluation")
+    save_every: int = Field(50, ge=0, description="checkpoint every N steps so a killed run resumes (0: never)")
+    log_every: int = Field(10, gt=0, description="log loss, tokens/s and ETA every N steps")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="under torchrun / accelerate launch: ddp (replicas) or fsdp (sharded); auto: ddp")
+    seed: int | None = Field(None, ge=0, description="seed of data order and dropout (default: the recipe's)")
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one budget: `steps` or `tokens`")
+        return self
+
+
+class KDConfig(TrainConfig):
+    """Loss = kl·KL(teacher ‖ student, T) + features·feature loss + ce·cross-entropy on the labels."""
+
+    kl: float = Field(1.0, ge=0, description="weight of the logit distillation term")
+    divergence: Literal["forward", "reverse", "jsd"] = Field(
+        "forward", description="forward KL(teacher‖student), reverse KL(student‖teacher), or Jensen–Shannon")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of both sides (the term is scaled by T²)")
+    top_k: int | None = Field(None, gt=0, description="compare over the teacher's top-k tokens plus one bucket "
+                                                      "for the rest (null: the full vocabulary)")
+    teacher_cache: bool = Field(False, description="precompute the teacher's top-k log-probs to disk once and "
+                                                   "train from them (needs top_k; no feature term)")
+    features: float = Field(0.0, ge=0, description="weight of the hidden-state matching term")
+    feature_loss: Literal["mse", "cosine"] = Field(
+        "cosine", description="mse (normalized by the teacher's mean square) or 1 − cosine similarity")
+    layer_map: dict[int, int] | None = Field(
+        None, description="student layer → teacher layer (1-based outputs; 0 = embeddings); default: every "
+                          "student layer to the teacher layer at the same relative depth")
+    ce: float = Field(0.0, ge=0, description="weight of the cross-entropy on the data's next tokens")
+
+    @model_validator(mode="after")
+    def _loss(self):
+        if not (self.kl or self.features or self.ce):
+            raise ValueError("the loss is empty: give kl, features or ce a weight above 0")
+        if self.teacher_cache and self.top_k is None:
+            raise ValueError("teacher_cache stores the teacher's top-k log-probs: set top_k (e.g. 64)")
+        if self.teacher_cache and self.features:
+            raise ValueError("teacher_cache keeps logits only: set features: 0 or teacher_cache: false")
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.kl or self.features)
+
+
+class DistillConfig(KDConfig):
+    """`distill`: full-parameter knowledge distillation of the working model from the teacher."""
+
+
+class LoraConfig(KDConfig):
+    """`lora`: a peft LoRA adapter trained with the same loss, merged into a plain model."""
+
+    lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    rank: int = Field(16, gt=0, description="LoRA rank r")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names or regexes to adapt, or all-linear (every linear but the LM head)")
+    quantize_base: Literal["none", "nf4"] = Field(
+        "none", description="nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); merged into "
+                            "the dequantized base so outputs match what was trained")
