@@ -311,3 +311,33 @@ def test_kill_9_mid_distill_resumes_from_its_checkpoint(llama_dir, text_file, tm
     metrics = json.loads((tmp_path / "killed" / "stages" / "01-distill" / "metrics.json").read_text())
     assert metrics["resumed_at_step"] >= 4
     assert (tmp_path / "killed" / "stages" / "01-distill" / "train_log.jsonl").is_file()
+
+
+# -- distributed: DDP and FSDP on 2 CPU processes (gloo) -----------------------------------------------
+
+def _torchrun(*args, timeout=300) -> subprocess.CompletedProcess:
+    worker = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           worker, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_what_one_process_trains(mode, tmp_path):
+    """torchrun × 2 with batch 2 per process = one process with batch 4: same weights and
+    evaluation (DDP replicas; FSDP shards, checkpoints gathered to full state dicts). A second
+    launch on the same work folder resumes from the sharded run's checkpoint to the same end."""
+    from distributed_worker import run
+
+    run("ddp", 4, tmp_path / "single.pt")
+    single = torch.load(tmp_path / "single.pt", weights_only=False)
+    for attempt in ("first", "resumed"):
+        res = _torchrun(mode, 2, tmp_path / f"{attempt}.pt", tmp_path / "work")
+        assert res.returncode == 0, res.stderr[-3000:]
+        got = torch.load(tmp_path / f"{attempt}.pt", weights_only=False)
+        assert got["metrics"]["processes"] == 2
+        assert got["metrics"]["resumed_at_step"] == (0 if attempt == "first" else 3)
+        for name, ref in single["state"].items():
+            assert torch.allclose(got["state"][name], ref, atol=1e-5), (attempt, name)
+        for key, ref in single["metrics"]["eval"].items():
+            assert math.isclose(got["metrics"]["eval"][key], ref, rel_tol=1e-4), (attempt, key)
