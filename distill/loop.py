@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dsc.distill import parallel
+from dsc import parallel
 from dsc.distill.batches import Batches
 from dsc.distill.config import TrainConfig
 from dsc.models import replace_dir

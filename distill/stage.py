@@ -7,7 +7,8 @@ import shutil
 import torch
 
 from dsc.distill import lora as peft_adapter
-from dsc.distill import parallel, teacher_cache
+from dsc import parallel
+from dsc.distill import teacher_cache
 from dsc.distill.batches import Batches
 from dsc.distill.config import DistillConfig, KDConfig, LoraConfig
 from dsc.distill.loop import Loop

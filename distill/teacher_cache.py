@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsc.distill import parallel
+from dsc import parallel
 from dsc.distill.losses import teacher_topk
 
 

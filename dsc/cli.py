@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dsc.log import setup_logging
 
-    log = setup_logging(args.log_format, args.log_level)
+    import os
+
+    # Under torchrun only rank 0 reports progress; the other processes report problems.
+    level = args.log_level if int(os.environ.get("RANK", "0")) == 0 else "warning"
+    log = setup_logging(args.log_format, level)
     previous = signal.signal(signal.SIGTERM, _sigterm)  # Kubernetes stops pods with SIGTERM
     try:
         return int(COMMANDS[args.command](args, log) or ExitCode.OK)

@@ -15,6 +15,7 @@ class Stage:
     apply: Callable  # apply(model, cfg, ctx) -> StageOutput
     changes_model: bool  # True: the runner checkpoints the model after the stage
     summary: str
+    distributed: bool = False  # True: under torchrun every process runs it (others: rank 0 alone)
 
 
 STAGES: dict[str, Stage] = {
@@ -24,7 +25,7 @@ STAGES: dict[str, Stage] = {
     "prune": Stage(prune.PruneConfig, prune.apply, True,
                    "structured pruning of heads (GQA-aware), MLP channels and layers into a smaller model"),
     "distill": Stage(distill.DistillConfig, distill.apply, True,
-                     "knowledge distillation from the teacher: KL on logits, hidden-state matching, LM loss"),
+                     "knowledge distillation from the teacher: KL on logits, hidden-state matching, LM loss", True),
     "lora": Stage(distill.LoraConfig, distill.apply_lora, True,
-                  "LoRA (or QLoRA) recovery fine-tuning with the distillation or LM loss, merged into the model"),
+                  "LoRA (or QLoRA) recovery fine-tuning with the distillation or LM loss, merged into the model", True),
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from dsc import __version__
+from dsc import __version__, parallel
 from dsc.context import Context, DataStore, default_cache_dir, pick_device
 from dsc.data.sources import source_fingerprint
 from dsc.errors import DscInputError, FieldError, RunInterrupted
@@ -70,6 +70,9 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, fresh: bool = F
     """Run every unfinished stage; returns the run directory. Safe to call again to resume."""
     log = log or logging.getLogger("dsc")
     out = RunDir(Path(output) if output else (recipe.base_dir / recipe.output.dir).resolve())
+    parallel.init_from_env(pick_device(recipe.device))
+    if parallel.rank() > 0:
+        return _follow(recipe, out, log)
     with out:
         if fresh:
             out.clear()
@@ -88,6 +91,23 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, fresh: bool = F
             raise RunInterrupted(f"interrupted; finished stages are kept in {out.stages}: rerun to resume") from None
         finally:
             out.remove_partial()
+    parallel.broadcast(None)  # release the other processes (a failure ends them through the launcher)
+    return out.path
+
+
+def _follow(recipe: Recipe, out: RunDir, log: logging.Logger) -> Path:
+    """Ranks > 0 under torchrun: rank 0 owns OUT and runs every stage; the others join the
+    distributed ones (training), starting from the checkpoint rank 0 just finished."""
+    root, chain = fingerprints(recipe)
+    session = None
+    while (i := parallel.broadcast(None)) is not None:
+        spec = recipe.stages[i]
+        session = session or _Session(recipe, out, root, log)
+        model = session.working_model(i)
+        session.ctx.forget_teacher_if(model)
+        session.ctx.work_dir = out.work_dir(i, spec.name, chain[i])
+        STAGES[spec.name].apply(model, spec.config, session.ctx)
+        del model
     return out.path
 
 
@@ -177,6 +197,9 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
     ctx.stage_dir, ctx.work_dir = tmp, out.work_dir(i, spec.name, fingerprint)
     log.info("stage %d/%d: %s", i + 1, len(recipe.stages), spec.name,
              extra={"event": "stage_start", "index": i, "stage": spec.name})
+    if stage.distributed and parallel.active():
+        ctx.data[getattr(spec.config, "data", None) or ctx.data.default()]  # in OUT/data before the others read it
+        parallel.broadcast(i)  # the other processes join this stage
     t0 = time.perf_counter()
     try:
         result = stage.apply(model, spec.config, ctx)

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_distill import perturbed, tiny_ctx  # noqa: E402
 from conftest import make_model, make_tokenizer  # noqa: E402
 from dsc.distill import DistillConfig, apply  # noqa: E402
-from dsc.distill import parallel  # noqa: E402
+from dsc import parallel  # noqa: E402
 
 
 def run(mode: str, batch_size: int, out: Path, work: Path | None = None) -> dict:

@@ -341,3 +341,30 @@ def test_two_processes_train_what_one_process_trains(mode, tmp_path):
             assert torch.allclose(got["state"][name], ref, atol=1e-5), (attempt, name)
         for key, ref in single["metrics"]["eval"].items():
             assert math.isclose(got["metrics"]["eval"][key], ref, rel_tol=1e-4), (attempt, key)
+
+
+def test_dsc_run_under_torchrun_matches_one_process(llama_dir, text_file, tmp_path):
+    """`torchrun -m dsc.cli run`: rank 0 owns the run directory and runs prune alone; both
+    processes train; the published model equals a one-process run with twice the batch."""
+    def recipe(name, batch):
+        raw = {"teacher": str(llama_dir), "output": str(tmp_path / name),
+               "data": {"t": {"type": "text", "path": str(text_file), "block_size": 32,
+                              "splits": {"train": 0.75, "eval": 0.25}}},
+               "stages": [{"prune": {"channels": 0.5, "num_samples": 2, "split": "train"}},
+                          {"distill": {"steps": 6, "batch_size": batch, "lr": 3e-3, "eval_batches": 1,
+                                       "save_every": 3}}]}
+        (tmp_path / f"{name}.yaml").write_text(json.dumps(raw))
+        return tmp_path / f"{name}.yaml"
+
+    assert run_cli("run", recipe("one", 4)).returncode == 0
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "dsc.cli", "run", str(recipe("two", 2))], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    metrics = json.loads((tmp_path / "two" / "stages" / "01-distill" / "metrics.json").read_text())
+    assert metrics["processes"] == 2

@@ -1,4 +1,4 @@
-"""The torch.distributed adapter: every call the training loop makes to DDP, FSDP (fully_shard)
+"""The torch.distributed adapter: every call dsc makes to process groups, DDP, FSDP (fully_shard)
 and distributed checkpoint state dicts is here. Launch with `torchrun` or `accelerate launch`;
 a single process uses the same calls on a plain module."""
 from __future__ import annotations
@@ -88,6 +88,15 @@ def gather_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast(obj=None):
+    """Rank 0's `obj` on every process."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
