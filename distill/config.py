@@ -27,7 +27,7 @@ class TrainConfig(Config):
     warmup: float = Field(0.05, ge=0, lt=1, description="fraction of the steps spent warming the LR up linearly")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr × min_lr_ratio")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (null: none)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="autocast dtype; auto: bf16 on a CUDA device that supports it, else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the start and the end)")
@@ -91,7 +91,7 @@ class LoraConfig(KDConfig):
     alpha: float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="module names or regexes to adapt, or all-linear (every linear but the LM head)")
+        "all-linear", description="names of the linear modules to adapt (e.g. [q_proj, v_proj]), or all-linear (every linear but the LM head)")
     quantize_base: Literal["none", "nf4"] = Field(
         "none", description="nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); merged into "
                             "the dequantized base so outputs match what was trained")

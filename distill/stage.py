@@ -57,7 +57,7 @@ def train_student(student, cfg: KDConfig, ctx) -> tuple[torch.nn.Module, dict]:
         ctx.release_teacher()  # the student trains alone
     student.to(device)
     if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(student, True)
     objective = Objective(student, cfg, teacher() if teacher else None)
     seed = ctx.seed if cfg.seed is None else cfg.seed
     train = Batches(train_blocks, cfg.batch_size, cfg.grad_accum, seed, rank, world, tops.get(cfg.split))
@@ -70,12 +70,22 @@ def train_student(student, cfg: KDConfig, ctx) -> tuple[torch.nn.Module, dict]:
         metrics = loop.run()
     metrics["precision"] = "bf16" if loop.amp is not None else "fp32"
     if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_disable()
+        _checkpointing(student, False)
     if parallel.active() and cfg.parallel == "fsdp":
         student = _unsharded(objective.student)
     if ctx.work_dir and ctx.stage_dir and (ctx.work_dir / "train_log.jsonl").is_file():
         shutil.copy(ctx.work_dir / "train_log.jsonl", ctx.stage_dir / "train_log.jsonl")
     return student, metrics
+
+
+def _checkpointing(model, on: bool) -> None:
+    """Activation (gradient) checkpointing, by its transformers 5 name where it has one."""
+    if on and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
 
 def _unsharded(student):
@@ -92,7 +102,8 @@ def _unsharded(student):
 def apply(model, cfg: DistillConfig, ctx) -> StageOutput:
     """Full-parameter distillation; the model keeps the dtype it came in (trained in float32)."""
     dtype = next(model.parameters()).dtype
-    student, metrics = train_student(model.float(), cfg, ctx)
+    model.float().requires_grad_(True)  # the model may arrive frozen (the teacher object itself)
+    student, metrics = train_student(model, cfg, ctx)
     return StageOutput(student.to(dtype).eval(), metrics)
 
 

@@ -1,6 +1,7 @@
 """The recipe: YAML → a validated, frozen `Recipe`, checked whole before any model loads.
 
     teacher: default                  # or {path: ..., trust_remote_code: false, dtype: float32}
+    student: ../models/small          # optional: where the stages start (default: the teacher)
     data:                             # named sources (default: text sampled from the teacher)
       wiki: {type: text, path: ../data/wiki.valid.raw, splits: {eval: 1.0}}
     stages:                           # ordered; the same stage may appear twice
@@ -25,7 +26,7 @@ from dsc.errors import DscInputError, RecipeError, did_you_mean, gather
 from dsc.models import ModelRef, resolve
 from dsc.registry import STAGES
 
-TOP_LEVEL = ("teacher", "data", "stages", "output", "seed", "device", "cache_dir")
+TOP_LEVEL = ("teacher", "student", "data", "stages", "output", "seed", "device", "cache_dir")
 DEFAULT_DATA = {"generated": {"type": "teacher"}}
 
 
@@ -51,11 +52,13 @@ class Recipe:
     device: str = "auto"
     cache_dir: str | None = None
     base_dir: Path = field(default=Path("."))
+    student: ModelRef | None = None  # where the stages start (default: the teacher itself)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe: every default filled in, as written to OUT/recipe.yaml."""
         return {
             "teacher": self.teacher.model_dump(),
+            **({"student": self.student.model_dump()} if self.student else {}),
             "data": {k: v.model_dump() for k, v in self.data.items()},
             "stages": [{s.name: s.config.model_dump()} for s in self.stages],
             "output": self.output.model_dump(),
@@ -104,7 +107,8 @@ def validate(raw: Any, base_dir: Path = Path("."), default_output: str | None = 
             hint = did_you_mean(str(key), TOP_LEVEL) or f" (known: {known})"
             problems.append(DscInputError(str(key), f"unknown top-level key{hint}"))
     top = gather(problems, _Top.parse, {k: raw[k] for k in ("seed", "device", "cache_dir") if k in raw}, "")
-    teacher = gather(problems, _teacher, raw.get("teacher", "default"), base_dir)
+    teacher = gather(problems, _model_ref, raw.get("teacher", "default"), base_dir, "teacher")
+    student = gather(problems, _model_ref, raw["student"], base_dir, "student") if "student" in raw else None
     data = gather(problems, _data, raw.get("data"), base_dir) or {}
     stages = gather(problems, _stages, raw.get("stages")) or ()
     output = gather(problems, _output, raw.get("output", default_output))
@@ -112,13 +116,13 @@ def validate(raw: Any, base_dir: Path = Path("."), default_output: str | None = 
         gather(problems, _cross_stage, stages, data, _position_limit(teacher, base_dir))
     if problems:
         raise RecipeError(problems)
-    return Recipe(teacher=teacher, data=data, stages=stages, output=output, seed=top.seed, device=top.device,
-                  cache_dir=top.cache_dir, base_dir=base_dir)
+    return Recipe(teacher=teacher, student=student, data=data, stages=stages, output=output, seed=top.seed,
+                  device=top.device, cache_dir=top.cache_dir, base_dir=base_dir)
 
 
-def _teacher(raw: Any, base_dir: Path) -> ModelRef:
-    ref = ModelRef.parse({"path": raw} if isinstance(raw, str) else raw, "teacher")
-    resolve(ref, base_dir)  # a missing path or package fails now, not after minutes of work
+def _model_ref(raw: Any, base_dir: Path, name: str) -> ModelRef:
+    ref = ModelRef.parse({"path": raw} if isinstance(raw, str) else raw, name)
+    resolve(ref, base_dir, f"{name}.path")  # a missing path or package fails now, not after minutes of work
     return ref
 
 

@@ -117,7 +117,7 @@ class RunDir:
             self.clear(keep_work=True)
             return 0
         if manifest and manifest["fingerprints"]["root"] != root["root"]:
-            changed = [k for k in ("teacher", "data", "seed") if manifest["fingerprints"].get(k) != root.get(k)]
+            changed = [k for k in ("teacher", "student", "data", "seed") if manifest["fingerprints"].get(k) != root.get(k)]
             self._refuse(f"the {' and '.join(changed) or 'inputs'} changed since this run started")
         start = 0
         for i in range(len(chain)):

@@ -12,6 +12,7 @@ import yaml
 
 from dsc import __version__, parallel
 from dsc.context import Context, DataStore, default_cache_dir, pick_device
+from dsc.data.pipeline import tokenizer_fingerprint
 from dsc.data.sources import source_fingerprint
 from dsc.errors import DscInputError, FieldError, RunInterrupted
 from dsc.evaluation import disk_bytes
@@ -31,6 +32,9 @@ def fingerprints(recipe: Recipe) -> tuple[dict, list[str]]:
     data = {name: hash_json([source_fingerprint(src, recipe.base_dir, teacher), src.block_size, src.splits])
             for name, src in recipe.data.items()}
     root = {"teacher": teacher, "data": data, "seed": recipe.seed}
+    if recipe.student is not None:
+        student = resolve(recipe.student, recipe.base_dir, "student.path")
+        root["student"] = hash_json([model_fingerprint(student, recipe.student), recipe.student.model_dump()])
     root["root"] = hash_json(root)
     chain, prev = [], root["root"]
     for spec in recipe.stages:
@@ -127,6 +131,16 @@ class _Session:
         self.ctx.data = DataStore(recipe.data, self.tokenizer, recipe.base_dir, caches, recipe.seed, root["teacher"],
                                   teacher=self.ctx.teacher, log=log)
 
+    def load_student(self):
+        """The recipe's `student`, after checking it reads the teacher's tokens."""
+        source = resolve(self.recipe.student, self.recipe.base_dir, "student.path")
+        theirs = tokenizer_fingerprint(load_tokenizer(source, self.recipe.student, "student.path"))
+        if theirs != tokenizer_fingerprint(self.tokenizer):
+            raise DscInputError("student", "its tokenizer differs from the teacher's: distillation compares "
+                                "next-token distributions over one vocabulary. Choose a student of the teacher's "
+                                "family (same tokenizer), or leave `student` out to start from the teacher")
+        return load_model(source, self.recipe.student, "student.path").to(self.device)
+
     def load_teacher(self):
         t0 = time.perf_counter()
         model = load_model(self.source, self.recipe.teacher).to(self.device)
@@ -134,8 +148,11 @@ class _Session:
         return model
 
     def working_model(self, start: int):
-        """The model entering stage `start`: the last finished checkpoint, or the teacher."""
+        """The model entering stage `start`: the last finished checkpoint, else the student, else
+        the teacher."""
         last = last_checkpoint(self.recipe, start)
+        if last is None and self.recipe.student is not None:
+            return self.load_student()
         if last is None:
             return self.ctx.teacher()  # shared until a stage changes it (then the teacher reloads)
         return self.checkpoint(last)
@@ -166,7 +183,8 @@ def file_stats(folder: Path) -> dict[str, list[int]]:
 def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root: dict, log) -> None:
     todo = list(range(start, len(recipe.stages)))
     last = last_checkpoint(recipe, len(recipe.stages))
-    origin = {"from": "teacher" if last is None else f"stages/{out.stage_dir(last, recipe.stages[last].name).name}",
+    first = "teacher" if recipe.student is None else "student"
+    origin = {"from": first if last is None else f"stages/{out.stage_dir(last, recipe.stages[last].name).name}",
               "fingerprint": root["root"] if last is None else chain[last]}
     marker = out.model / "dsc_source.json"
     publish = recipe.output.save_model and (not marker.is_file() or read_json(marker) != origin)

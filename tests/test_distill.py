@@ -175,6 +175,23 @@ def test_lora_unknown_target_modules_lists_the_real_ones(tokenizer):
     assert err.value.path == "target_modules"
 
 
+def test_gradient_checkpointing_and_accumulation_change_memory_not_results(tokenizer, monkeypatch):
+    """Recomputing activations trains the same weights; 2 × batch 2 accumulated = 1 × batch 4."""
+    import torch.utils.checkpoint as checkpoint
+
+    calls, original = [], checkpoint.checkpoint
+    monkeypatch.setattr(checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    teacher = make_model("llama", len(tokenizer))
+    common = dict(steps=4, lr=3e-3, eval_batches=1, features=0.5)
+    runs = [apply(perturbed(teacher), DistillConfig(**common, **kw), tiny_ctx(tokenizer, teacher)).model
+            for kw in ({"batch_size": 4}, {"batch_size": 4, "gradient_checkpointing": True},
+                       {"batch_size": 2, "grad_accum": 2})]
+    assert len(calls) == 4 * 2  # the checkpointed run only: 4 steps × 2 layers
+    for other in runs[1:]:
+        for (name, a), b in zip(runs[0].state_dict().items(), other.state_dict().values()):
+            assert torch.allclose(a, b, atol=1e-5), name
+
+
 def test_vocabulary_mismatch_is_refused_before_training(tokenizer):
     ctx = tiny_ctx(tokenizer, make_model("llama", len(tokenizer)))
     other = make_model("llama", len(tokenizer) + 7)
@@ -368,3 +385,76 @@ def test_dsc_run_under_torchrun_matches_one_process(llama_dir, text_file, tmp_pa
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     metrics = json.loads((tmp_path / "two" / "stages" / "01-distill" / "metrics.json").read_text())
     assert metrics["processes"] == 2
+
+
+def _small_student(path, tokenizer, vocab=None):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=vocab or len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=1)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_recipe_student_is_distilled_from_the_teacher(llama_dir, text_file, tokenizer, tmp_path):
+    """`student:` starts the stages from another (smaller) model of the teacher's tokenizer;
+    feature KD trains through projections; OUT/model is the student's architecture."""
+    student = _small_student(tmp_path / "student", tokenizer)
+    raw = {"teacher": str(llama_dir), "student": str(student), "output": str(tmp_path / "out"),
+           "data": {"t": {"type": "text", "path": str(text_file), "block_size": 32,
+                          "splits": {"train": 0.75, "eval": 0.25}}},
+           "stages": [{"distill": {"steps": 20, "lr": 5e-3, "kl": 1.0, "features": 1.0, "eval_batches": 2}}]}
+    (tmp_path / "r.yaml").write_text(json.dumps(raw))
+    res = run_cli("run", tmp_path / "r.yaml")
+    assert res.returncode == 0, res.stderr
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert config["hidden_size"] == 16 and config["num_hidden_layers"] == 1
+    metrics = json.loads((tmp_path / "out" / "stages" / "00-distill" / "metrics.json").read_text())
+    assert metrics["eval"]["kl"] < metrics["eval_start"]["kl"]
+    assert metrics["eval"]["features"] < metrics["eval_start"]["features"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "student" in manifest["fingerprints"]
+
+
+def test_a_student_with_another_tokenizer_is_refused_before_training(llama_dir, text_file, tmp_path):
+    from conftest import make_tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["an entirely different corpus of words"] * 4,
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    student = _small_student(tmp_path / "student", other, vocab=len(make_tokenizer()))
+    raw = {"teacher": str(llama_dir), "student": str(student), "output": str(tmp_path / "out"),
+           "data": {"t": {"type": "text", "path": str(text_file), "block_size": 32,
+                          "splits": {"train": 0.75, "eval": 0.25}}},
+           "stages": [{"distill": {"steps": 2}}]}
+    (tmp_path / "r.yaml").write_text(json.dumps(raw))
+    res = run_cli("run", tmp_path / "r.yaml")
+    assert res.returncode == 2
+    assert "student: its tokenizer differs from the teacher's" in res.stderr
+    assert not any((tmp_path / "out" / "stages").glob("*"))
+
+
+def test_training_stages_start_from_the_teacher_itself(llama_dir, text_file, tmp_path):
+    """A recipe whose first stage trains: the working model is the (frozen) teacher object, which
+    the stage must unfreeze without touching the teacher it distills from."""
+    raw = {"teacher": str(llama_dir), "output": str(tmp_path / "out"),
+           "data": {"t": {"type": "text", "path": str(text_file), "block_size": 32,
+                          "splits": {"train": 0.75, "eval": 0.25}}},
+           "stages": [{"distill": {"steps": 3, "lr": 1e-2, "kl": 0.0, "ce": 1.0, "eval_batches": 1}},
+                      {"lora": {"steps": 3, "lr": 1e-2, "eval_batches": 1}}]}
+    (tmp_path / "r.yaml").write_text(json.dumps(raw))
+    res = run_cli("run", tmp_path / "r.yaml")
+    assert res.returncode == 0, res.stderr
+    distill = json.loads((tmp_path / "out" / "stages" / "00-distill" / "metrics.json").read_text())
+    assert distill["eval"]["ce"] < distill["eval_start"]["ce"]
+    lora = json.loads((tmp_path / "out" / "stages" / "01-lora" / "metrics.json").read_text())
+    assert lora["eval_start"]["kl"] > 0  # the teacher stayed the teacher
+    assert lora["eval"]["kl"] < lora["eval_start"]["kl"]
