@@ -72,6 +72,7 @@ def write_report(run: Path, html_too: bool = False) -> Path:
     lines += ["## Stages", "", "| # | stage | seconds | checkpoint MB on disk |", "|---|---|---|---|"]
     lines += [f"| {s['index']} | {s['name']} | {s['seconds']:.1f} | "
               f"{_fmt(s['metrics'].get('checkpoint_disk_bytes'), 'mb')} |" for s in metrics["stages"]]
+    lines += training_lines(metrics["stages"])
     for n, table in enumerate(metrics["evaluations"]):
         lines += ["", f"## Evaluation {n + 1}", "", f"Protocol: {protocol_line(table['protocol'])}.", ""]
         lines += ["| model | " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
@@ -83,6 +84,23 @@ def write_report(run: Path, html_too: bool = False) -> Path:
     if html_too:
         write_text(run / "report.html", _html(run.name, metrics))
     return run / "report.md"
+
+
+def training_lines(stages: list[dict]) -> list[str]:
+    """Training stages: budget, speed, and the held-out loss terms before → after."""
+    rows = [s for s in stages if "steps" in s["metrics"] and "tokens_per_s" in s["metrics"]]
+    if not rows:
+        return []
+    out = ["", "## Training", "", "Held-out terms on the stage's `eval_split` (kl: to the teacher; ppl: the "
+           "student's own, on that split), start → end.", "",
+           "| # | stage | steps | tokens | tokens/s | processes | resumed at | held-out |", "|---" * 8 + "|"]
+    for s in rows:
+        m = s["metrics"]
+        start, end = m.get("eval_start") or {}, m.get("eval") or {}
+        held = ", ".join(f"{k} {start[k]:.4g} → {end[k]:.4g}" for k in ("kl", "features", "ppl") if k in start and k in end)
+        out.append(f"| {s['index']} | {s['name']} | {m['steps']} | {m['tokens']:,} | {m['tokens_per_s']:.1f} | "
+                   f"{m.get('processes', 1)} | {m.get('resumed_at_step') or '–'} | {held or '–'} |")
+    return out
 
 
 def _plot(table: dict, path: Path) -> bool:

@@ -458,3 +458,5 @@ def test_training_stages_start_from_the_teacher_itself(llama_dir, text_file, tmp
     lora = json.loads((tmp_path / "out" / "stages" / "01-lora" / "metrics.json").read_text())
     assert lora["eval_start"]["kl"] > 0  # the teacher stayed the teacher
     assert lora["eval"]["kl"] < lora["eval_start"]["kl"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Training" in report and "| 0 | distill | 3 | 384 |" in report and "| 1 | lora | 3 |" in report
