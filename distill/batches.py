@@ -18,7 +18,7 @@ class Batches:
     seed: int
     rank: int = 0
     world: int = 1
-    teacher_top: tuple[torch.Tensor, torch.Tensor] | None = None  # precomputed (N, L, k) log-probs, indices
+    teacher_top: tuple[torch.Tensor, ...] | None = None  # precomputed teacher top-k rows (teacher_cache)
 
     def __post_init__(self):
         self._perms: dict[int, torch.Tensor] = {}
@@ -41,14 +41,17 @@ class Batches:
 
     def get(self, step: int, micro: int, device: torch.device):
         idx = self.indices(step, micro)
-        top = None
-        if self.teacher_top is not None:
-            top = tuple(t[idx].to(device) for t in self.teacher_top)
-        return self.blocks[idx].to(device), top
+        return self.blocks[idx].to(device), self._top(idx, device)
+
+    def _top(self, idx: torch.Tensor, device: torch.device):
+        if self.teacher_top is None:
+            return None
+        from dsc.distill.teacher_cache import assemble
+
+        return tuple(t.to(device) for t in assemble(*(t[idx] for t in self.teacher_top)))
 
     def held_out(self, i: int, device: torch.device):
         """The i-th evaluation micro-batch of this rank, in order (no shuffling)."""
         first = (i * self.world + self.rank) * self.batch_size
         idx = torch.arange(first, first + self.batch_size) % len(self.blocks)
-        top = None if self.teacher_top is None else tuple(t[idx].to(device) for t in self.teacher_top)
-        return self.blocks[idx].to(device), top
+        return self.blocks[idx].to(device), self._top(idx, device)

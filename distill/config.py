@@ -95,3 +95,10 @@ class LoraConfig(KDConfig):
     quantize_base: Literal["none", "nf4"] = Field(
         "none", description="nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); merged into "
                             "the dequantized base so outputs match what was trained")
+
+    @model_validator(mode="after")
+    def _not_sharded(self):
+        if self.parallel == "fsdp":
+            raise ValueError("lora trains a small adapter: replicate the model with parallel: ddp (fsdp would "
+                             "shard the frozen base and the adapter together)")
+        return self

@@ -104,6 +104,7 @@ class Loop:
         if self.cfg.max_grad_norm:
             sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm))
+        sums["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -132,11 +133,12 @@ class Loop:
         return result
 
     def report(self, parts: dict, steps_per_s: float) -> None:
+        lr = parts.pop("lr")
         parts = parallel.mean(parts)
         tps = steps_per_s * self.train.tokens_per_step
         eta = (self.steps - self.step) / max(steps_per_s, 1e-9)
         entry = {"step": self.step, "tokens": self.step * self.train.tokens_per_step,
-                 **{k: round(v, 6) for k, v in parts.items()}, "lr": self.scheduler.get_last_lr()[0],
+                 **{k: round(v, 6) for k, v in parts.items()}, "lr": lr,
                  "tokens_per_s": round(tps, 1), "eta_s": round(eta, 1)}
         self.record(entry)
         self.log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s eta %.0fs", self.step, self.steps, parts["loss"],
@@ -185,6 +187,9 @@ class Loop:
         else:
             _set_rng_state(state["rng"][parallel.rank()])
         self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta["history"]
+        if parallel.rank() == 0:  # the log continues from the checkpoint: drop what was lost
+            lines = "".join(json.dumps(entry) + "\n" for entry in self.history)
+            (self.state_dir / "train_log.jsonl").write_text(lines)
         self.log.info("resuming training at step %d/%d", self.step, self.steps,
                       extra={"event": "train_resume", "step": self.step})
         return self.step

@@ -56,8 +56,9 @@ def _nf4_base(model, cfg: LoraConfig, ctx):
     dtype = next(model.parameters()).dtype
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
+        model.to("cpu")  # the full-precision copy must not hold accelerator memory beside the 4-bit one
         base = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=dtype,
-                                                    device_map={"": ctx.device.index or 0})
+                                                    device_map={"": torch.cuda.current_device()})
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
 
 

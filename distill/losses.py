@@ -6,13 +6,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsc.errors import FieldError
+
 _EPS = 1e-8
-_TINY = 1e-30  # floor of a tail bucket's probability (the tail is empty when top_k covers the vocabulary)
+_LOG_TINY = -69.0  # log 1e-30: floor of the tail bucket (empty when top_k covers the vocabulary)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p‖q) over the last dim, per position."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    """KL(p‖q) over the last dim, per position (0·log 0 = 0, e.g. masked vocabulary entries)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
 
 
 def divergence(log_t: torch.Tensor, log_s: torch.Tensor, kind: str) -> torch.Tensor:
@@ -27,26 +30,23 @@ def divergence(log_t: torch.Tensor, log_s: torch.Tensor, kind: str) -> torch.Ten
     raise ValueError(f"unknown divergence {kind!r}")
 
 
-def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's k most likely tokens per position: (log-probs at T, indices)."""
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return log_t.topk(k, dim=-1)
-
-
-def with_tail(log_top: torch.Tensor) -> torch.Tensor:
-    """Top-k log-probs → k+1 categories: the k tokens and one bucket holding the rest of the mass."""
-    tail = torch.log(torch.clamp(1 - log_top.exp().sum(-1, keepdim=True), min=_TINY))
-    return torch.cat([log_top, tail], dim=-1)
-
-
-def student_over(student_logits: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The student's log-probs on the teacher's top-k tokens plus the exact tail bucket."""
-    z = student_logits.float() / temperature
+def over_topk(logits: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs at T on the tokens `idx`, plus one bucket with the exact log-mass of the rest."""
+    z = logits.float() / temperature
     norm = torch.logsumexp(z, dim=-1, keepdim=True)
     top = z.gather(-1, idx) - norm
     rest = torch.logsumexp(z.scatter(-1, idx, float("-inf")), dim=-1, keepdim=True) - norm
-    rest = rest.clamp_min(torch.log(torch.tensor(_TINY)).item())
-    return torch.cat([top, rest], dim=-1)
+    return torch.cat([top, rest.clamp_min(_LOG_TINY)], dim=-1)
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k most likely tokens per position: (k+1 log-probs at T — the tokens, then the
+    rest of the mass —, token ids)."""
+    if k > teacher_logits.shape[-1]:
+        raise FieldError("top_k", f"{k} exceeds the vocabulary ({teacher_logits.shape[-1]} tokens): lower it "
+                         "or set top_k: null for the full distribution")
+    idx = teacher_logits.topk(k, dim=-1).indices
+    return over_topk(teacher_logits, idx, temperature), idx
 
 
 def logit_kd(student_logits: torch.Tensor, *, teacher_logits: torch.Tensor | None = None,
@@ -54,13 +54,13 @@ def logit_kd(student_logits: torch.Tensor, *, teacher_logits: torch.Tensor | Non
              temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
     """Mean divergence over positions, scaled by T² (Hinton et al.) so its gradient does not
     shrink with the temperature. Give the teacher's full logits, or its precomputed top-k
-    (log-probs at `temperature`, indices)."""
+    (`teacher_topk`: k+1 log-probs at `temperature`, indices)."""
     if teacher_top is None and top_k is not None:
         teacher_top = teacher_topk(teacher_logits, top_k, temperature)
     if teacher_top is not None:
-        log_t_top, idx = teacher_top
-        log_t = with_tail(log_t_top.float())
-        log_s = student_over(student_logits, idx.long(), temperature)
+        log_t, idx = teacher_top
+        log_t = log_t.float()
+        log_s = over_topk(student_logits, idx.long(), temperature)
     else:
         log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
         log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)

@@ -12,24 +12,30 @@ from dsc.distill import teacher_cache
 from dsc.distill.batches import Batches
 from dsc.distill.config import DistillConfig, KDConfig, LoraConfig
 from dsc.distill.loop import Loop
-from dsc.distill.objective import Objective
+from dsc.distill.objective import Objective, check_pair
 from dsc.errors import FieldError
-from dsc.fingerprint import hash_json
+from dsc.fingerprint import hash_json, weights_fingerprint
 from dsc.log import Progress
 from dsc.stages import StageOutput
 
 
-def _blocks(cfg: KDConfig, data, split: str) -> torch.Tensor:
+def _blocks(cfg: KDConfig, data, split: str, student) -> torch.Tensor:
     length = cfg.seq_len or data.block_size
     if length > data.block_size:
         raise FieldError("seq_len", f"{length} > data.{data.name}.block_size ({data.block_size}): a sequence "
                          "would join blocks that are not adjacent; lower seq_len or raise block_size")
+    limit = getattr(student.config.get_text_config(), "max_position_embeddings", None)
+    if limit and length > limit:
+        raise FieldError("seq_len", f"{length} exceeds the model's max_position_embeddings ({limit}): set "
+                         f"seq_len: {limit} or lower")
     return data.blocks(split)[:, :length]
 
 
 def _teacher_top(cfg: KDConfig, ctx, teacher, blocks: torch.Tensor, data, split: str, device):
     """Top-k of the teacher over `blocks`, from the stage's work folder when already computed."""
-    key = hash_json(["topk-v1", data.fingerprint, split, list(blocks.shape), cfg.top_k, cfg.temperature])
+    teacher_fp = ctx.data.teacher_fp or weights_fingerprint(teacher())
+    key = hash_json(["topk-v2", teacher_fp, data.fingerprint, split, list(blocks.shape), cfg.top_k,
+                     cfg.temperature])
     path = ctx.work_dir / f"teacher_topk_{split}.safetensors" if ctx.work_dir else None
 
     def make():
@@ -41,31 +47,48 @@ def _teacher_top(cfg: KDConfig, ctx, teacher, blocks: torch.Tensor, data, split:
     return teacher_cache.load_or_compute(path, key, make)
 
 
-def train_student(student, cfg: KDConfig, ctx) -> tuple[torch.nn.Module, dict]:
-    """Train `student` (plain or peft-wrapped) against the teacher with the shared loop."""
-    device = parallel.init_from_env(ctx.device)
+def _objective(student, cfg: KDConfig, ctx, device):
+    """The objective and its data: (Objective, train Batches, held-out Batches or None)."""
     rank, world = parallel.rank(), parallel.world_size()
     data = ctx.data[cfg.data or ctx.data.default()]
-    train_blocks = _blocks(cfg, data, cfg.split)
-    eval_blocks = None if cfg.eval_split == "none" else _blocks(cfg, data, cfg.eval_split)
-    teacher = ctx.teacher if cfg.needs_teacher else None
+    train_blocks = _blocks(cfg, data, cfg.split, student)
+    eval_blocks = None if cfg.eval_split == "none" else _blocks(cfg, data, cfg.eval_split, student)
+    if cfg.split == "all" and eval_blocks is not None:
+        ctx.log.warning("split: all trains on the held-out blocks too: its evaluation is not held out",
+                        extra={"event": "warning"})
+    teacher = ctx.teacher() if cfg.needs_teacher else None
     tops = {}
     if cfg.teacher_cache:
-        tops = {s: _teacher_top(cfg, ctx, teacher, b, data, s, device)
+        check_pair(student, teacher)
+        tops = {s: _teacher_top(cfg, ctx, ctx.teacher, b, data, s, device)
                 for s, b in ((cfg.split, train_blocks), (cfg.eval_split, eval_blocks)) if b is not None}
         teacher = None
         ctx.release_teacher()  # the student trains alone
-    student.to(device)
-    if cfg.gradient_checkpointing:
-        _checkpointing(student, True)
-    objective = Objective(student, cfg, teacher() if teacher else None)
+    objective = Objective(student, cfg, teacher)
     seed = ctx.seed if cfg.seed is None else cfg.seed
     train = Batches(train_blocks, cfg.batch_size, cfg.grad_accum, seed, rank, world, tops.get(cfg.split))
     held = None if eval_blocks is None else Batches(eval_blocks, cfg.batch_size, 1, seed, rank, world,
                                                     tops.get(cfg.eval_split))
-    model = parallel.wrap(objective, cfg.parallel, device)
+    return objective, train, held
+
+
+def train_student(student, cfg: KDConfig, ctx) -> tuple[torch.nn.Module | None, dict]:
+    """Train `student` (plain or peft-wrapped) against the teacher with the shared loop. Under
+    FSDP the trained model is gathered on rank 0; the other processes get None."""
+    device = parallel.init_from_env(ctx.device)
+    objective, train, held = _objective(student, cfg, ctx, device)  # teacher top-k first, if cached
+    objective.to(device)
+    if cfg.gradient_checkpointing:
+        _checkpointing(student, True)
+    # a loss without the logit terms, or a partial layer map, leaves some weights without gradients
+    partial = not (cfg.kl or cfg.ce) or bool(cfg.layer_map)
+    try:
+        model = parallel.wrap(objective, cfg.parallel, device, find_unused=partial)
+    except ValueError as exc:
+        raise FieldError("parallel", str(exc)) from None
+    seed = ctx.seed if cfg.seed is None else cfg.seed
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed * 1009 + rank)
+        torch.manual_seed(seed * 1009 + parallel.rank())
         loop = Loop(model, cfg, train, held, device, ctx.log, state_dir=ctx.work_dir)
         metrics = loop.run()
     metrics["precision"] = "bf16" if loop.amp is not None else "fp32"
@@ -89,12 +112,18 @@ def _checkpointing(model, on: bool) -> None:
 
 
 def _unsharded(student):
-    """A plain copy of an FSDP-sharded student, on every process."""
+    """A plain copy of an FSDP-sharded student on rank 0 (gathered to CPU); None elsewhere."""
     from transformers import AutoModelForCausalLM
 
-    state = {k: v.cpu() for k, v in parallel.full_state(student, offload=False).items()}
+    state = parallel.full_state(student)  # collective; the full weights land on rank 0 only
+    if parallel.rank() != 0:
+        return None
     plain = AutoModelForCausalLM.from_config(student.config)
-    plain.load_state_dict(state, strict=False)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    tied = {k for k in missing if plain.config.tie_word_embeddings and k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"gathered FSDP state does not fit {type(plain).__name__}: missing "
+                           f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
     plain.tie_weights()
     return plain.eval()
 
@@ -104,7 +133,7 @@ def apply(model, cfg: DistillConfig, ctx) -> StageOutput:
     dtype = next(model.parameters()).dtype
     model.float().requires_grad_(True)  # the model may arrive frozen (the teacher object itself)
     student, metrics = train_student(model, cfg, ctx)
-    return StageOutput(student.to(dtype).eval(), metrics)
+    return StageOutput(None if student is None else student.to(dtype).eval(), metrics)
 
 
 def apply_lora(model, cfg: LoraConfig, ctx) -> StageOutput:

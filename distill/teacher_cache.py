@@ -15,19 +15,26 @@ from dsc.distill.losses import teacher_topk
 @torch.no_grad()
 def compute(teacher, blocks: torch.Tensor, k: int, temperature: float, batch_size: int,
             device: torch.device, progress=None) -> dict[str, torch.Tensor]:
-    """(N, L, k) float16 log-probs at `temperature` and int32 token ids of the teacher's top-k."""
-    values, indices = [], []
+    """The teacher's top-k at `temperature` over `blocks`: (N, L, k) float16 log-probs, (N, L, 1)
+    float32 log-mass of the other tokens (exact, computed from the logits), (N, L, k) int32 ids."""
+    values, tails, indices = [], [], []
     for begin in range(0, len(blocks), batch_size):
         logits = teacher(input_ids=blocks[begin:begin + batch_size].to(device), use_cache=False).logits
         v, i = teacher_topk(logits, k, temperature)
-        values.append(v.to(torch.float16).cpu())
+        values.append(v[..., :k].to(torch.float16).cpu())
+        tails.append(v[..., k:].cpu())
         indices.append(i.to(torch.int32).cpu())
         if progress:
             progress(min(begin + batch_size, len(blocks)), len(blocks))
-    return {"values": torch.cat(values), "indices": torch.cat(indices)}
+    return {"values": torch.cat(values), "tail": torch.cat(tails), "indices": torch.cat(indices)}
 
 
-def load_or_compute(path: Path | None, key: str, make) -> tuple[torch.Tensor, torch.Tensor]:
+def assemble(values: torch.Tensor, tail: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored rows → what `logit_kd(teacher_top=...)` takes: (k+1 log-probs, token ids)."""
+    return torch.cat([values.float(), tail.float()], dim=-1), indices.long()
+
+
+def load_or_compute(path: Path | None, key: str, make) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cached top-k at `path` when it was made for `key`, else `make()` (on rank 0) saved there."""
     if path is None:
         out = make()
@@ -40,7 +47,7 @@ def load_or_compute(path: Path | None, key: str, make) -> tuple[torch.Tensor, to
             os.replace(tmp, path)
         parallel.barrier()
         out = load_file(path)
-    return out["values"], out["indices"]
+    return out["values"], out["tail"], out["indices"]
 
 
 def _valid(path: Path, key: str) -> bool:

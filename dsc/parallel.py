@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+TIMEOUT = timedelta(hours=int(os.environ.get("DSC_DIST_TIMEOUT_HOURS", "6")))
 
 
 def active() -> bool:
@@ -33,7 +36,9 @@ def init_from_env(device: torch.device) -> torch.device:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # gloo for the CPU tensors (logged scalars, objects), nccl for the model's; processes wait
+        # while rank 0 runs the other stages alone, so the timeout is hours, not NCCL's 10 minutes
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return device
 
 
@@ -42,14 +47,18 @@ def _layer_classes(model: nn.Module) -> set[str]:
     return set(getattr(base, "_no_split_modules", None) or [])
 
 
-def wrap(objective: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """DDP replicas or FSDP shards (each decoder layer, then the rest) when distributed."""
+def wrap(objective: nn.Module, mode: str, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """DDP replicas or FSDP shards (each decoder layer, then the rest) when distributed.
+    `find_unused`: some trainable weights may get no gradient (DDP must not wait for them)."""
     if not active():
         return objective
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         classes = _layer_classes(objective.student)
+        if not classes:
+            raise ValueError(f"{type(objective.student).__name__} names no decoder layer class (_no_split_modules) "
+                             "to shard by: use parallel: ddp")
         for module in objective.student.modules():
             if type(module).__name__ in classes:
                 fully_shard(module)
@@ -57,7 +66,8 @@ def wrap(objective: nn.Module, mode: str, device: torch.device) -> nn.Module:
         return objective
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused)
 
 
 def sync_gradients(model: nn.Module, sync: bool):
