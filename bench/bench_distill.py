@@ -16,9 +16,11 @@ process (tokens/s, median of `--rounds`).
     python bench/bench_distill.py --tokens 8192 --windows 2 --variants none,kd   # a smoke run
 
 Protocol (printed with the table): WikiText-2 raw validation, non-empty lines joined by blank
-lines, first N windows of 1024 tokens, stride 1024, token level. Calibration: the first 64 × 512
-tokens of the C4 validation subset; training: the next `--tokens` tokens in blocks of `--seq-len`
-(documents joined by EOS, file order, shuffled by seed 0), no token seen twice.
+lines, first N windows of 1024 tokens, stride 1024, token level — text of another domain than
+the training data. Calibration: the first 64 × 512 tokens of the C4 validation subset; training:
+the next `--tokens` tokens in blocks of `--seq-len` (documents joined by EOS, file order,
+shuffled by seed 0), no token seen twice; C4 held-out: the `--eval-blocks` blocks after those,
+windows of `--seq-len`, token level (the same domain as the training data).
 """
 from __future__ import annotations
 
@@ -37,29 +39,24 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import corpora  # noqa: E402  (bench/corpora.py: this folder is on sys.path when a benchmark runs)
 from dsc import Context  # noqa: E402
-from dsc.data.pipeline import TokenData, tokenize_documents  # noqa: E402
+from dsc.data.pipeline import TokenData  # noqa: E402
 from dsc.distill import DistillConfig, LoraConfig, apply, apply_lora  # noqa: E402
 from dsc.evaluation import param_counts, perplexity  # noqa: E402
 from dsc.models import ModelRef, load_model, load_tokenizer, resolve  # noqa: E402
 from dsc.prune import PruneConfig, apply as prune  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 def streams(tok, args):
-    text = (SHARED / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")
-    wiki = tokenize_documents(["\n\n".join(line for line in text.splitlines() if line.strip())], tok, None)
-    wiki = wiki[: args.windows * args.context]
-    docs = (json.loads(line)["text"] for line in open(SHARED / "c4-validation-subset" / "c4_validation_2k.jsonl"))
-    calib_n = 64 * 512
-    c4 = tokenize_documents(docs, tok, calib_n + args.tokens + args.eval_blocks * args.seq_len)
-    calib = TokenData("calib", c4[:calib_n], 512, {}, "calib")
-    rest = c4[calib_n:]
-    n_train = args.tokens // args.seq_len
-    n = len(rest) // args.seq_len
+    """WikiText-2 windows; C4: calibration blocks, then training blocks, then held-out blocks."""
     import numpy as np
 
+    wiki = corpora.wikitext(tok, args.windows * args.context)
+    calib_n = 64 * 512
+    c4 = corpora.c4(tok, calib_n + args.tokens + args.eval_blocks * args.seq_len)
+    calib = TokenData("calib", c4[:calib_n], 512, {}, "calib")
+    rest = c4[calib_n:]
+    n_train, n = args.tokens // args.seq_len, len(rest) // args.seq_len
     splits = {"train": np.arange(n_train), "eval": np.arange(n_train, n)}
     return wiki, calib, TokenData("c4", rest[: n * args.seq_len], args.seq_len, splits, "c4-train")
 
@@ -120,7 +117,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=32)
-    ap.add_argument("--eval-blocks", type=int, default=4)
+    ap.add_argument("--eval-blocks", type=int, default=16, help="held-out C4 blocks after the training tokens")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--variants", default="none,lm,kd,kd+feat,lora+kd")
@@ -138,8 +135,13 @@ def main() -> None:
     wiki, calib, data = streams(tok, args)
     ctx.data.put(calib)
     ctx.data.put(data)
-    ppl = lambda m: perplexity(m, wiki, args.context, args.context)["perplexity"]  # noqa: E731
-    rows = {"teacher": {"perplexity": ppl(teacher), "seconds": 0.0, **param_counts(teacher)}}
+    held = data.stream("eval")
+
+    def ppl(model) -> dict:  # WikiText-2 (another domain than the training text) and held-out C4
+        return {"perplexity": perplexity(model, wiki, args.context, args.context)["perplexity"],
+                "c4_perplexity": perplexity(model, held, args.seq_len, args.seq_len)["perplexity"]}
+
+    rows = {"teacher": {**ppl(teacher), "seconds": 0.0, **param_counts(teacher)}}
     pruned = prune(copy.deepcopy(teacher), PruneConfig(ratio=args.ratio, kinds=["heads", "channels"], data="calib",
                                                        split="all", num_samples=64), ctx).model
     table = variants(args)
@@ -152,7 +154,7 @@ def main() -> None:
             stage = apply_lora if isinstance(cfg, LoraConfig) else apply
             out = stage(copy.deepcopy(pruned), cfg, ctx)
             model, metrics = out.model, out.metrics
-        rows[name] = {"perplexity": ppl(model), "seconds": time.perf_counter() - t0, **param_counts(model),
+        rows[name] = {**ppl(model), "seconds": time.perf_counter() - t0, **param_counts(model),
                       "tokens": metrics.get("tokens", 0), "tokens_per_s": metrics.get("tokens_per_s"),
                       "held_out": metrics.get("eval")}
         print(name, rows[name], file=sys.stderr, flush=True)
@@ -163,24 +165,30 @@ def main() -> None:
 
 
 def _print(rows, tp, args) -> None:
-    t = rows["teacher"]
-    p = rows.get("none", {}).get("perplexity")
     device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"SmolLM2-135M-Instruct, −{args.ratio:.0%} (heads + channels, activation) | WikiText-2 valid, "
-          f"{args.windows} × {args.context} windows, stride {args.context}, token level | training: C4, "
+          f"{args.windows} × {args.context} windows, stride {args.context}, token level; C4 held-out: "
+          f"{args.eval_blocks} × {args.seq_len} | training: C4, "
           f"{args.tokens:,} tokens per method, {args.batch} × {args.seq_len} per step | {device}")
-    print(f"{'method':10} {'non-emb params':>14} {'perplexity':>11} {'gap recovered':>14} {'train tok/s':>12} "
-          f"{'wall s':>8}")
+    print(f"{'method':10} {'non-emb params':>14} {'wiki ppl':>9} {'gap recovered':>14} {'C4 ppl':>8} "
+          f"{'gap recovered':>14} {'train tok/s':>12} {'wall s':>8}")
     for name, r in rows.items():
-        gap = "" if p is None or name == "teacher" else \
-            f"{(math.log(p) - math.log(r['perplexity'])) / (math.log(p) - math.log(t['perplexity'])):14.1%}"
         tps = f"{r['tokens_per_s']:12.1f}" if r.get("tokens_per_s") else f"{'':12}"
-        print(f"{name:10} {r['params_non_embedding']:14,} {r['perplexity']:11.2f} {gap:>14} {tps} {r['seconds']:8.1f}")
+        print(f"{name:10} {r['params_non_embedding']:14,} {r['perplexity']:9.2f} {_gap(rows, name, 'perplexity')} "
+              f"{r['c4_perplexity']:8.2f} {_gap(rows, name, 'c4_perplexity')} {tps} {r['seconds']:8.1f}")
     if tp:
         print(f"throughput (KD step, {args.batch} × {args.seq_len}, median of {tp['rounds']}): dsc loop "
               f"{tp['dsc_tokens_per_s']:.1f} tok/s, plain PyTorch loop {tp['plain_tokens_per_s']:.1f} tok/s "
               f"({tp['dsc_tokens_per_s'] / tp['plain_tokens_per_s']:.2f}×)")
+
+
+def _gap(rows: dict, name: str, key: str) -> str:
+    """Fraction of the teacher–pruned gap recovered, on log-perplexity."""
+    if name == "teacher" or "none" not in rows:
+        return f"{'':14}"
+    p, t, r = (math.log(rows[k][key]) for k in ("none", "teacher", name))
+    return f"{(p - r) / (p - t):14.1%}"
 
 
 if __name__ == "__main__":

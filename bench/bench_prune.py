@@ -29,23 +29,17 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
+import corpora  # noqa: E402  (bench/corpora.py: this folder is on sys.path when a benchmark runs)
 from dsc import Context  # noqa: E402
-from dsc.data.pipeline import tokenize_documents  # noqa: E402
 from dsc.evaluation import PeakMemory, param_counts, perplexity, speed  # noqa: E402
 from dsc.models import ModelRef, load_model, load_tokenizer, resolve  # noqa: E402
 from dsc.prune import PruneConfig, apply_plan, plan  # noqa: E402
 from dsc.structure import describe  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def streams(tok, args):
-    text = (SHARED / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")
-    wiki = tokenize_documents(["\n\n".join(line for line in text.splitlines() if line.strip())], tok, None)
-    wiki = wiki[: args.windows * args.context]
-    docs = (json.loads(line)["text"] for line in open(SHARED / "c4-validation-subset" / "c4_validation_2k.jsonl"))
-    c4 = tokenize_documents(docs, tok, args.calib_samples * args.calib_len)
-    return wiki, c4.view(args.calib_samples, args.calib_len)
+    wiki = corpora.wikitext(tok, args.windows * args.context)
+    return wiki, corpora.c4(tok, args.calib_samples * args.calib_len).view(args.calib_samples, args.calib_len)
 
 
 def measure(model, wiki, args) -> dict:
