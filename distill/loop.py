@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,16 @@ class Loop:
         resumed = self.load()
         if not resumed and self.held_out is not None:
             self.evaluate()
+        with _StopRequests() as stop:
+            self._steps(stop)
+        final = self.evaluate() if self.held_out is not None else {}
+        tokens = self.step * self.train.tokens_per_step
+        return {"steps": self.steps, "tokens": tokens, "train_seconds": round(self.elapsed, 3),
+                "tokens_per_s": round(tokens / max(self.elapsed, 1e-9), 1), "processes": self.train.world,
+                "resumed_at_step": resumed, "final_train": next((h["loss"] for h in reversed(self.history) if "loss" in h), None),
+                "eval": final, "eval_start": next((h["eval"] for h in self.history if "eval" in h), None)}
+
+    def _steps(self, stop: "_StopRequests") -> None:
         t_log, s_log = time.perf_counter(), self.step
         while self.step < self.steps:
             t0 = time.perf_counter()
@@ -81,14 +93,11 @@ class Loop:
             if self.held_out is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
                     and self.step < self.steps:
                 self.evaluate()
+            if parallel.any_true(stop.requested):  # SIGTERM / Ctrl-C: keep this step, then stop
+                self.save()
+                raise KeyboardInterrupt
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.steps:
                 self.save()
-        final = self.evaluate() if self.held_out is not None else {}
-        tokens = self.step * self.train.tokens_per_step
-        return {"steps": self.steps, "tokens": tokens, "train_seconds": round(self.elapsed, 3),
-                "tokens_per_s": round(tokens / max(self.elapsed, 1e-9), 1), "processes": self.train.world,
-                "resumed_at_step": resumed, "final_train": next((h["loss"] for h in reversed(self.history) if "loss" in h), None),
-                "eval": final, "eval_start": next((h["eval"] for h in self.history if "eval" in h), None)}
 
     def train_step(self) -> dict:
         self.model.train()
@@ -193,6 +202,29 @@ class Loop:
         self.log.info("resuming training at step %d/%d", self.step, self.steps,
                       extra={"event": "train_resume", "step": self.step})
         return self.step
+
+
+class _StopRequests:
+    """While training, SIGTERM and SIGINT ask the loop to stop after the current step (with a
+    checkpoint of it) instead of interrupting it halfway; outside, the previous handlers apply."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def _rng_state() -> dict:

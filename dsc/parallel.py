@@ -92,6 +92,15 @@ def mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(values, (t / world_size()).tolist()))
 
 
+def any_true(flag: bool) -> bool:
+    """True on every process when it is True on one of them."""
+    if not active():
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def gather_objects(obj) -> list:
     if not active():
         return [obj]

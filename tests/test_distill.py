@@ -341,10 +341,44 @@ def test_kill_9_mid_distill_resumes_from_its_checkpoint(llama_dir, text_file, tm
 
     a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "model" / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     metrics = json.loads((tmp_path / "killed" / "stages" / "01-distill" / "metrics.json").read_text())
     assert metrics["resumed_at_step"] >= 4
     assert (tmp_path / "killed" / "stages" / "01-distill" / "train_log.jsonl").is_file()
+
+
+def test_sigterm_mid_distill_checkpoints_that_step_and_exits_3(llama_dir, text_file, tmp_path):
+    """Kubernetes stops a pod with SIGTERM: the step in progress finishes, is checkpointed (even
+    between save_every steps), the run exits 3, and the rerun continues from exactly there."""
+    stages = [{"distill": {"steps": 12, "save_every": 0, "log_every": 1, "batch_size": 2, "lr": 3e-3,
+                           "eval_batches": 1}}]
+    raw = {"teacher": str(llama_dir), "stages": stages,
+           "data": {"t": {"type": "text", "path": str(text_file), "block_size": 32,
+                          "splits": {"train": 0.75, "eval": 0.25}}}}
+    for name in ("whole", "stopped"):
+        (tmp_path / f"{name}.yaml").write_text(json.dumps({**raw, "output": str(tmp_path / name)}))
+    assert run_cli("run", tmp_path / "whole.yaml").returncode == 0
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, "run", str(tmp_path / "stopped.yaml")],
+                            stderr=subprocess.PIPE, text=True)
+    logs = tmp_path / "stopped" / "work"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and \
+            sum(len(p.read_text().splitlines()) for p in logs.glob("*/train_log.jsonl")) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err[-2000:]
+    step = json.loads(next(logs.glob("*/checkpoint/meta.json")).read_text())["step"]
+    assert 2 <= step < 12
+    res = run_cli("run", tmp_path / "stopped.yaml")
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((tmp_path / "stopped" / "stages" / "00-distill" / "metrics.json").read_text())
+    assert metrics["resumed_at_step"] == step
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "stopped" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 # -- distributed: DDP and FSDP on 2 CPU processes (gloo) -----------------------------------------------
@@ -399,7 +433,7 @@ def test_dsc_run_under_torchrun_matches_one_process(llama_dir, text_file, tmp_pa
 
     a = load_file(tmp_path / "one" / "model" / "model.safetensors")
     b = load_file(tmp_path / "two" / "model" / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     metrics = json.loads((tmp_path / "two" / "stages" / "01-distill" / "metrics.json").read_text())
     assert metrics["processes"] == 2
 
