@@ -57,6 +57,8 @@ def logit_kd(student_logits: torch.Tensor, *, teacher_logits: torch.Tensor | Non
     (`teacher_topk`: k+1 log-probs at `temperature`, indices)."""
     if teacher_top is None and top_k is not None:
         teacher_top = teacher_topk(teacher_logits, top_k, temperature)
+    if teacher_top is None and kind == "forward":
+        return forward_kl(student_logits, teacher_logits, temperature).mean() * temperature ** 2
     if teacher_top is not None:
         log_t, idx = teacher_top
         log_t = log_t.float()
@@ -65,6 +67,20 @@ def logit_kd(student_logits: torch.Tensor, *, teacher_logits: torch.Tensor | Non
         log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
         log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return divergence(log_t, log_s, kind).mean() * temperature ** 2
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher‖student) per position over the full vocabulary, from the logits: Σ p·log p (the
+    teacher's, no gradient) − Σ p·z + logsumexp(z) for the student's z. Exact, with half the
+    full-vocabulary passes (and saved tensors) of log_softmax on both sides: on a 49k vocabulary
+    the loss is a third of a CPU training step otherwise."""
+    with torch.no_grad():
+        log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        p = log_t.exp()
+        neg_entropy = (p * log_t).nan_to_num_(0.0).sum(-1)  # 0·log 0 = 0 for masked entries
+    z = student_logits.float()
+    z = z / temperature if temperature != 1 else z
+    return neg_entropy - (p * z).sum(-1) + torch.logsumexp(z, dim=-1)
 
 
 def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
