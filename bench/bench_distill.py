@@ -98,7 +98,7 @@ def throughput(pruned, teacher, tok, data, args) -> dict:
         cfg = DistillConfig(data="c4", steps=args.tp_steps, batch_size=args.batch, seq_len=args.seq_len,
                             eval_split="none", save_every=0, log_every=10 ** 6, precision=args.precision)
         dsc_tps.append(apply(copy.deepcopy(pruned), cfg, ctx).metrics["tokens_per_s"])
-        student = copy.deepcopy(pruned).train()
+        student = copy.deepcopy(pruned).train().requires_grad_(True)  # every weight trains, as in dsc
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
         t0 = time.perf_counter()
         for s in range(args.tp_steps):
