@@ -156,7 +156,7 @@ def main() -> None:
             model, metrics = out.model, out.metrics
         rows[name] = {**ppl(model), "seconds": time.perf_counter() - t0, **param_counts(model),
                       "tokens": metrics.get("tokens", 0), "tokens_per_s": metrics.get("tokens_per_s"),
-                      "held_out": metrics.get("eval")}
+                      "held_out": metrics.get("eval"), "trainable_params": metrics.get("trainable_params")}
         print(name, rows[name], file=sys.stderr, flush=True)
     tp = throughput(pruned, teacher, tok, data, args) if args.tp_steps else None
     _print(rows, tp, args)
