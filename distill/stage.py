@@ -86,9 +86,8 @@ def train_student(student, cfg: KDConfig, ctx) -> tuple[torch.nn.Module | None, 
         model = parallel.wrap(objective, cfg.parallel, device, find_unused=partial)
     except ValueError as exc:
         raise FieldError("parallel", str(exc)) from None
-    seed = ctx.seed if cfg.seed is None else cfg.seed
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed * 1009 + parallel.rank())
+        torch.manual_seed(train.seed * 1009 + parallel.rank())  # dropout; the data order has its own
         loop = Loop(model, cfg, train, held, device, ctx.log, state_dir=ctx.work_dir)
         metrics = loop.run()
     metrics["precision"] = "bf16" if loop.amp is not None else "fp32"
