@@ -53,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     # Under torchrun only rank 0 reports progress; the other processes report problems.
     level = args.log_level if int(os.environ.get("RANK", "0")) == 0 else "warning"
     log = setup_logging(args.log_format, level)
+    code = _run_command(args, log)
+    if code == ExitCode.OK and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from dsc import parallel
+
+        parallel.exit_process(code)  # a failure is left to the launcher, which stops the others
+    return code
+
+
+def _run_command(args, log) -> int:
     previous = signal.signal(signal.SIGTERM, _sigterm)  # Kubernetes stops pods with SIGTERM
     try:
         return int(COMMANDS[args.command](args, log) or ExitCode.OK)

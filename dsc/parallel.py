@@ -123,6 +123,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def exit_process(code: int) -> None:
+    """End a launched process (torchrun / accelerate launch) once its work is written: leave the
+    process group, flush, and exit without running C++ destructors — gloo can otherwise abort
+    the exit ("terminate called without an active exception") after everything succeeded."""
+    import sys
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 def _options(offload: bool = True, **kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

@@ -30,6 +30,4 @@ def run(mode: str, batch_size: int, out: Path, work: Path | None = None) -> dict
 if __name__ == "__main__":
     mode, batch, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     run(mode, batch, out, Path(sys.argv[4]) if len(sys.argv) > 4 else None)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    parallel.exit_process(0)
