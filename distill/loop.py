@@ -60,8 +60,8 @@ class Loop:
 
     def __post_init__(self):
         self.steps = total_steps(self.cfg, self.train.tokens_per_step)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.steps, self.cfg.warmup, self.cfg.min_lr_ratio))
         self.amp = autocast_dtype(self.cfg, self.device)
@@ -111,8 +111,7 @@ class Loop:
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
         if self.cfg.max_grad_norm:
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm))
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
         sums["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()

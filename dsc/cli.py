@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -47,8 +48,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dsc.log import setup_logging
-
-    import os
 
     # Under torchrun only rank 0 reports progress; the other processes report problems.
     level = args.log_level if int(os.environ.get("RANK", "0")) == 0 else "warning"

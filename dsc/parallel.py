@@ -79,10 +79,6 @@ def sync_gradients(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
-
-
 def mean(values: dict[str, float]) -> dict[str, float]:
     """Average scalars over the processes."""
     if not active() or not values:

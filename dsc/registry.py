@@ -25,7 +25,9 @@ STAGES: dict[str, Stage] = {
     "prune": Stage(prune.PruneConfig, prune.apply, True,
                    "structured pruning of heads (GQA-aware), MLP channels and layers into a smaller model"),
     "distill": Stage(distill.DistillConfig, distill.apply, True,
-                     "knowledge distillation from the teacher: KL on logits, hidden-state matching, LM loss", True),
+                     "knowledge distillation from the teacher: KL on logits, hidden-state matching, LM loss",
+                     distributed=True),
     "lora": Stage(distill.LoraConfig, distill.apply_lora, True,
-                  "LoRA (or QLoRA) recovery fine-tuning with the distillation or LM loss, merged into the model", True),
+                  "LoRA (or QLoRA) recovery fine-tuning with the distillation or LM loss, merged into the model",
+                  distributed=True),
 }

@@ -212,7 +212,8 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
     tmp.mkdir(parents=True)
     if stage.changes_model:
         ctx.forget_teacher_if(model)  # the stage may edit the model in place: the teacher reloads
-    ctx.stage_dir, ctx.work_dir = tmp, out.work_dir(i, spec.name, fingerprint)
+    work = out.work_dir(i, spec.name, fingerprint)
+    ctx.stage_dir, ctx.work_dir = tmp, work
     log.info("stage %d/%d: %s", i + 1, len(recipe.stages), spec.name,
              extra={"event": "stage_start", "index": i, "stage": spec.name})
     if stage.distributed and parallel.active():
@@ -237,7 +238,7 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
                                     "dsc_version": __version__,
                                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     replace_dir(tmp, final)
-    shutil.rmtree(out.work_dir(i, spec.name, fingerprint), ignore_errors=True)  # finished: nothing to resume
+    shutil.rmtree(work, ignore_errors=True)  # finished: nothing to resume
     log.info("stage %d/%d: %s done in %.1fs", i + 1, len(recipe.stages), spec.name, seconds,
              extra={"event": "stage_done", "index": i, "stage": spec.name, "seconds": seconds})
     if not stage.changes_model:
