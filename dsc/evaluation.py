@@ -83,13 +83,17 @@ def param_counts(model) -> dict:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the weights as saved: unique tensors of the state dict."""
+    """Bytes of the weights as saved: unique tensors of the state dict, quantized weights at their
+    bit width (their scales and zero points are tensors of the state dict too)."""
+    from dsc.quantize.ct import stored_bits
+
+    bits = stored_bits(model)
     seen, total = set(), 0
-    for t in model.state_dict().values():
+    for name, t in model.state_dict().items():
         key = (t.data_ptr(), t.numel())
         if key not in seen:
             seen.add(key)
-            total += t.numel() * t.element_size()
+            total += t.numel() * bits[name] // 8 if name in bits else t.numel() * t.element_size()
     return total
 
 

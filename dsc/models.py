@@ -158,7 +158,12 @@ def save_model(model, tokenizer, dest: Path) -> None:
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    from dsc.quantize import ct
+
+    if ct.is_quantized(model):
+        ct.save_pretrained(model, tmp)
+    else:
+        model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     replace_dir(tmp, dest)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dsc.config import Config
-from dsc import distill, prune
+from dsc import distill, prune, quantize
 from dsc.stages import cast, evaluate
 
 
@@ -30,4 +30,10 @@ STAGES: dict[str, Stage] = {
     "lora": Stage(distill.LoraConfig, distill.apply_lora, True,
                   "LoRA (or QLoRA) recovery fine-tuning with the distillation or LM loss, merged into the model",
                   distributed=True),
+    "rtn": Stage(quantize.RTNConfig, quantize.apply_rtn, True,
+                 "round-to-nearest weight quantization on a 3/4/8-bit grid (the baseline of every quantizer)"),
+    "awq": Stage(quantize.AWQConfig, quantize.apply_awq, True,
+                 "AWQ 4-bit (3/8) weight quantization: activation-aware scales and clipping, layer by layer"),
+    "int8": Stage(quantize.Int8Config, quantize.apply_int8, True,
+                  "INT8: weight-only per channel, or W8A8 with SmoothQuant and dynamic per-token activations"),
 }

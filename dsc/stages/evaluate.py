@@ -2,6 +2,7 @@
 model and of the teacher (measured by the same code in the same run, once per protocol)."""
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -28,6 +29,8 @@ class EvaluateConfig(Config):
     decode_tokens: int = Field(32, ge=0, description="tokens generated for the decode measurement")
     repeats: int = Field(3, gt=0, description="timed repeats (median reported) after one warm-up")
     teacher: bool = Field(True, description="also measure the teacher under the same protocol (once a run)")
+    int8_kernels: bool = Field(False, description="measure an int8 model (`int8` stage) on CPU int8 kernels "
+                                                  "(dsc.quantize.cpu), on a copy: the stage's model is unchanged")
 
     @model_validator(mode="after")
     def _stride(self):
@@ -45,8 +48,9 @@ def protocol(cfg: EvaluateConfig, data, stream) -> dict:
             "max_windows": cfg.max_windows, "level": "token", "block_size": data.block_size}
 
 
-def measure(model, cfg: EvaluateConfig, ctx, label: str) -> dict:
-    """All metrics of one model under `cfg`."""
+def measure(model, cfg: EvaluateConfig, ctx, label: str, stored: int | None = None) -> dict:
+    """All metrics of one model under `cfg` (`stored`: its weight bytes, when they cannot be read
+    off its state dict, as for int8-kernel modules)."""
     data = ctx.data[cfg.data or ctx.data.default()]
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and cfg.context_length > limit:
@@ -57,7 +61,8 @@ def measure(model, cfg: EvaluateConfig, ctx, label: str) -> dict:
     ppl = perplexity(model, stream, cfg.context_length, cfg.stride or cfg.context_length, cfg.batch_size,
                      cfg.max_windows, progress=bar.update)
     bar.close()
-    out = {**ppl, "protocol": protocol(cfg, data, stream), **param_counts(model), "weight_bytes": weight_bytes(model)}
+    out = {**ppl, "protocol": protocol(cfg, data, stream), **param_counts(model),
+           "weight_bytes": stored or weight_bytes(model)}
     if cfg.speed:
         s = speed(model, model.config.vocab_size, cfg.speed_batch_size, cfg.prompt_length, cfg.decode_tokens,
                   cfg.repeats, seed=ctx.seed)
@@ -67,8 +72,23 @@ def measure(model, cfg: EvaluateConfig, ctx, label: str) -> dict:
     return out
 
 
+def _on_int8_kernels(model, ctx):
+    from dsc.quantize.cpu import int8_kernels
+
+    if ctx.device.type != "cpu":
+        raise FieldError("int8_kernels", f"the int8 kernels are a CPU path; this run's device is {ctx.device}")
+    fast = copy.deepcopy(model)
+    if not int8_kernels(fast):
+        raise FieldError("int8_kernels", "the model has no int8 per-channel linears: put an `int8` stage before")
+    return fast
+
+
 def apply(model, cfg: EvaluateConfig, ctx) -> StageOutput:
-    metrics = {"model": measure(model, cfg, ctx, "model")}
+    if cfg.int8_kernels:
+        fast = measure(_on_int8_kernels(model, ctx), cfg, ctx, "model", weight_bytes(model))
+        metrics = {"model": {**fast, **param_counts(model), "runtime": "cpu int8 kernels"}}
+    else:
+        metrics = {"model": measure(model, cfg, ctx, "model")}
     if cfg.teacher:
         # Keyed by everything the numbers depend on, hardware included: a resume elsewhere re-measures.
         key = hash_json([cfg.model_dump(exclude={"teacher"}), metrics["model"]["protocol"], str(ctx.device),

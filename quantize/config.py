@@ -1,0 +1,93 @@
+"""Schemas of the quantization stages: `rtn`, `awq` and `int8`."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dsc.config import Config
+
+
+class TargetsConfig(Config):
+    """Which linears a stage quantizes. A pattern is a class name ("Linear"), a module name or
+    its last components ("mlp.down_proj"), or a regex over the full name ("re:.*\\.o_proj");
+    one that matches nothing is an error."""
+
+    targets: list[str] = Field(default_factory=lambda: ["Linear"], description="modules to quantize")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left in float "
+                                                                               "(the LM head by default)")
+    format: Literal["auto", "pack-quantized", "int-quantized"] = Field(
+        "auto", description="compressed-tensors format written by save: pack-quantized (codes packed into "
+                            "int32, what llm-compressor writes for W4A16 and vLLM serves), int-quantized (one int8 "
+                            "per weight); auto: pack-quantized for symmetric weight-only, else int-quantized")
+
+
+class GridConfig(TargetsConfig):
+    bits: Literal[3, 4, 8] = Field(4, description="bits per weight")
+    group_size: int | None = Field(128, gt=0, description="input columns sharing a scale (null: one scale per "
+                                                          "output channel); must divide every target's inputs")
+    symmetric: bool = Field(True, description="symmetric grid (no zero point); false: asymmetric with an "
+                                              "integer zero point per group (saved int-quantized: one byte per "
+                                              "weight, see `format`)")
+
+    @model_validator(mode="after")
+    def _loadable(self):
+        if not self.symmetric and self.format == "pack-quantized":
+            raise ValueError("asymmetric pack-quantized checkpoints do not load back in transformers (their packed "
+                             "zero points are refused: llm-compressor issue #1618); use symmetric: true, or "
+                             "format: auto (int-quantized)")
+        return self
+
+
+class CalibrationConfig(Config):
+    data: str | None = Field(None, description="calibration data source (default: the recipe's first)")
+    split: Literal["calibration", "train", "eval", "all"] = Field("calibration", description="split to calibrate on")
+    num_samples: int = Field(64, gt=0, description="calibration blocks (sequences of the source's block_size)")
+    batch_size: int = Field(8, gt=0, description="calibration blocks per forward pass")
+    propagate: bool = Field(True, description="feed each layer the outputs of the already quantized layers before "
+                                              "it (false: the float model's)")
+    calibration_device: str | None = Field(None, description="device the layers are calibrated on, one at a time "
+                                                             "(default: the recipe's device); e.g. cuda for a model "
+                                                             "kept in CPU memory")
+
+
+class RTNConfig(GridConfig):
+    """Round-to-nearest on the grid: the baseline every quantizer is measured against."""
+
+
+class AWQConfig(GridConfig, CalibrationConfig):
+    """Activation-aware weight quantization: per-channel scales and clipping searched on calibration data."""
+
+    duo_scaling: bool = Field(True, description="scale candidates x̄^r / w̄^(1−r) (false: x̄^r, the paper's)")
+    n_grid: int = Field(20, ge=2, description="points of the scale-exponent and clipping searches")
+    clip: bool = Field(True, description="search a clipping ratio per (row, group); q/k are never clipped")
+    loss: Literal["module", "linear"] = Field(
+        "module", description="what the scale search scores for norm-fed groups (q/k/v, gate/up): module: the "
+                              "attention block's / MLP's output on `loss_samples` blocks (AutoAWQ's objective); "
+                              "linear: the group's own outputs on every calibration token (faster). A single "
+                              "linear (o, down) is always scored exactly on every token")
+    loss_samples: int = Field(8, gt=0, description="calibration blocks the module loss replays")
+
+
+class Int8Config(TargetsConfig, CalibrationConfig):
+    """INT8: weight-only per channel, or W8A8 (per-channel weights, dynamic per-token activations)
+    with SmoothQuant."""
+
+    mode: Literal["weight_only", "w8a8"] = Field("w8a8", description="weight_only: int8 weights, float "
+                                                                     "activations; w8a8: activations too")
+    smoothing: float | None = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength α for w8a8 "
+                                                                 "(null: no smoothing)")
+    backend: Literal["compressed-tensors", "bitsandbytes"] = Field(
+        "compressed-tensors", description="compressed-tensors (any device; saved for transformers and vLLM) or "
+                                          "bitsandbytes LLM.int8 (CUDA only, weight_only)")
+
+    @model_validator(mode="after")
+    def _backend(self):
+        if self.backend == "bitsandbytes" and self.mode != "weight_only":
+            raise ValueError("backend bitsandbytes runs LLM.int8 (int8 weights, mixed-precision outliers): "
+                             "use mode: weight_only with it")
+        return self
+
+    @property
+    def needs_data(self) -> bool:
+        return self.mode == "w8a8" and self.smoothing is not None and self.backend == "compressed-tensors"

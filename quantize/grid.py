@@ -1,0 +1,74 @@
+"""Integer grids for weights: the arithmetic every quantizer here shares.
+
+A weight matrix W (out, in) is cut along its input dimension into groups of `group_size`
+columns (or one group per row: per-channel). Each (row, group) gets a scale and, when
+asymmetric, an integer zero point; a weight is stored as q = clamp(round(w / scale) + zp,
+qmin, qmax) and read back as (q − zp) · scale. The convention (signed range, scale from the
+range, zero point clamped into it) is compressed-tensors', so what dsc computes is what its
+loader and vLLM read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsc.errors import FieldError
+
+
+@dataclass(frozen=True)
+class Grid:
+    bits: int
+    group_size: int | None  # None: one scale per output channel
+    symmetric: bool
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def group(self, in_features: int, name: str = "") -> int:
+        """Columns per group for a layer of `in_features` inputs; a width the group does not divide
+        is an error (a silent per-channel fallback would change the bytes and quality stated)."""
+        if self.group_size is None:
+            return in_features
+        if in_features % self.group_size:
+            fits = [g for g in (256, 128, 64, 32, 16, 8) if in_features % g == 0]
+            hint = f"a group size that divides it ({', '.join(map(str, fits))}), " if fits else ""
+            raise FieldError("group_size", f"{self.group_size} does not divide the {in_features} inputs of "
+                                           f"{name or 'a layer'}: use {hint}group_size: null (one scale per "
+                                           "output channel), or add that layer to `ignore`")
+        return self.group_size
+
+    def params(self, w: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point (out, G) of `w` (out, in) in float32; `clip` (out, G) or a number
+        shrinks each group's range before the scale is taken (the clipping search's knob)."""
+        g = w.float().reshape(w.shape[0], -1, self.group(w.shape[1]))  # (out, G, gs)
+        lo = g.amin(-1).clamp(max=0) * clip
+        hi = g.amax(-1).clamp(min=0) * clip
+        span = self.qmax - self.qmin
+        if self.symmetric:
+            scale = torch.maximum(-lo, hi) / (span / 2)
+            zero = torch.zeros_like(scale)
+        else:
+            scale = (hi - lo) / span
+            zero = torch.round(self.qmin - lo / scale.clamp(min=1e-12)).clamp(self.qmin, self.qmax)
+        return scale.clamp(min=torch.finfo(torch.float32).tiny * 1e3), zero
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Integer codes (out, in) as int8, for scale/zero (out, G)."""
+        g = w.float().reshape(w.shape[0], scale.shape[1], -1)
+        q = torch.round(g / scale[..., None]) + zero[..., None]
+        return q.clamp(self.qmin, self.qmax).reshape(w.shape).to(torch.int8)
+
+    def fake(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Quantize and dequantize `w` (float32 result): the weight the model will compute with."""
+        g = w.float().reshape(w.shape[0], scale.shape[1], -1)
+        q = (torch.round(g / scale[..., None]) + zero[..., None]).clamp(self.qmin, self.qmax)
+        return ((q - zero[..., None]) * scale[..., None]).reshape(w.shape)
+
+    def rtn(self, w: torch.Tensor) -> torch.Tensor:
+        return self.fake(w, *self.params(w))

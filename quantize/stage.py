@@ -1,0 +1,153 @@
+"""`rtn`, `awq`, `int8`: quantize the linears of a model in place and mark them for saving.
+
+    dsc.quantize.apply_awq(model, AWQConfig(group_size=64), ctx)      # or apply_rtn / apply_int8
+
+Calibrated stages run one decoder layer at a time (dsc.quantize.calibrate): peak memory is the
+model plus one layer's inputs for the calibration set.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+from torch import nn
+
+from dsc.errors import FieldError
+from dsc.quantize import ct
+from dsc.quantize.calibrate import capture, forward, placed
+from dsc.quantize.config import AWQConfig, GridConfig, Int8Config, RTNConfig, TargetsConfig
+from dsc.quantize.grid import Grid
+from dsc.quantize.layerwise import Plan, Quantized, quantize_layer
+from dsc.stages import StageOutput
+from dsc.structure import describe
+
+
+def matches(pattern: str, name: str, module: nn.Module) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return type(module).__name__ == pattern or name == pattern or name.endswith("." + pattern)
+
+
+def select(model: nn.Module, cfg: TargetsConfig) -> list[str]:
+    """Full names of the linears `targets` name and `ignore` does not; patterns matching nothing,
+    and fused MoE experts left unhandled, are errors rather than silently skipped weights."""
+    modules = dict(model.named_modules())
+    for key in ("targets", "ignore"):
+        for pattern in getattr(cfg, key):
+            if not any(matches(pattern, n, m) for n, m in modules.items()):
+                raise FieldError(key, f"{pattern!r} matches no module of this model; names look like "
+                                      f"{', '.join(n for n, m in modules.items() if isinstance(m, nn.Linear))[:160]}…")
+    ignored = {n for n, m in modules.items() if any(matches(p, n, m) for p in cfg.ignore)}
+    chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in ignored
+              and any(matches(p, n, m) for p in cfg.targets)]
+    for layer in describe(model).sparse():
+        experts = f"{layer.moe.path}.experts"
+        if experts not in ignored:
+            raise FieldError("ignore", f"{experts} stores its routed experts as fused 3-D tensors, which this "
+                                       "stage does not quantize yet; add 're:.*mlp\\.experts' to ignore to quantize "
+                                       "the rest and keep the experts in float")
+    if not chosen:
+        raise FieldError("targets", f"no linear left to quantize: targets {cfg.targets} minus ignore {cfg.ignore}")
+    return chosen
+
+
+def _grid(cfg: GridConfig, model: nn.Module, names: list[str]) -> Grid:
+    grid = Grid(cfg.bits, cfg.group_size, cfg.symmetric)
+    for name in names:  # every width is checked before any work is done
+        grid.group(model.get_submodule(name).in_features, name)
+    return grid
+
+
+def _untied(model: nn.Module, names: list[str]) -> None:
+    embedding = model.get_input_embeddings().weight
+    for name in names:
+        if model.get_submodule(name).weight is embedding:
+            raise FieldError("ignore", f"{name} shares its weight with the input embedding "
+                                       "(tie_word_embeddings): keep it in ignore")
+
+
+@torch.no_grad()
+def _rtn(model: nn.Module, names: list[str], grid: Grid) -> dict[str, Quantized]:
+    done = {}
+    for name in names:
+        w = model.get_submodule(name).weight
+        scale, zero = grid.params(w)
+        scale = scale.to(w.dtype).clamp(min=torch.finfo(w.dtype).tiny).float()
+        w.copy_(grid.fake(w, scale, zero).to(w.dtype))
+        done[name] = Quantized(grid, scale, zero)
+    return done
+
+
+def _outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device):
+    """Everything but the decoder layers (embeddings, rotary tables, final norm, head)."""
+    inside = {id(t) for t in [*layers.parameters(), *layers.buffers()]}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in inside:
+            t.data = t.data.to(device)
+
+
+def _layerwise(model, cfg, ctx, names: list[str], plan: Plan) -> tuple[dict[str, Quantized], list]:
+    structure = describe(model)
+    layers = model.get_submodule(structure.family.layers)
+    device = torch.device(cfg.calibration_device) if cfg.calibration_device else ctx.device
+    blocks = ctx.data[cfg.data or ctx.data.default()].blocks(cfg.split)[: cfg.num_samples]
+    home = next(model.parameters()).device
+    _outside_layers(model, layers, device)
+    try:
+        inputs = capture(model, layers, blocks, cfg.batch_size, device)
+    finally:
+        _outside_layers(model, layers, home)
+    done, searches, t0 = {}, [], time.perf_counter()
+    for layer in structure.layers:
+        prefix = layer.path + "."
+        targets = {n[len(prefix):] for n in names if n.startswith(prefix)}
+        with placed(layer.module, device):
+            got, found, outputs = quantize_layer(layer, inputs, targets, plan)
+            inputs = forward(layer.module, inputs) if cfg.propagate else outputs
+        done.update({prefix + n: q for n, q in got.items()})
+        searches += [{"layer": layer.index, **s} for s in found]
+        ctx.log.info("quantized layer %d/%d (%.1f s)", layer.index + 1, len(structure.layers),
+                     time.perf_counter() - t0, extra={"event": "quantized_layer", "layer": layer.index})
+    rest = [n for n in names if n not in done]  # outside the decoder layers (an untied LM head)
+    done.update(_rtn(model, rest, plan.grid))
+    return done, searches
+
+
+def _finish(model, done: dict[str, Quantized], cfg: TargetsConfig, activations: bool, extra: dict) -> StageOutput:
+    ct.attach(model, done, activations, cfg.format)
+    return StageOutput(model, {"quantized_linears": len(done), "scheme": ct.describe(model), **extra})
+
+
+def apply_rtn(model, cfg: RTNConfig, ctx) -> StageOutput:
+    names = select(model, cfg)
+    _untied(model, names)
+    return _finish(model, _rtn(model, names, _grid(cfg, model, names)), cfg, False, {})
+
+
+def apply_awq(model, cfg: AWQConfig, ctx) -> StageOutput:
+    names = select(model, cfg)
+    _untied(model, names)
+    plan = Plan(_grid(cfg, model, names), "awq", n_grid=cfg.n_grid, duo=cfg.duo_scaling, clip=cfg.clip,
+                module_loss=cfg.loss == "module", loss_batches=max(1, -(-cfg.loss_samples // cfg.batch_size)))
+    t0 = time.perf_counter()
+    done, searches = _layerwise(model, cfg, ctx, names, plan)
+    gains = [s["loss"] / s["loss_rtn"] for s in searches if s["loss_rtn"] > 0]
+    return _finish(model, done, cfg, False, {
+        "seconds": round(time.perf_counter() - t0, 2), "scaled_groups": sum(s["ratio"] is not None for s in searches),
+        "searched_groups": len(searches), "mean_loss_vs_rtn": round(sum(gains) / max(len(gains), 1), 4)})
+
+
+def apply_int8(model, cfg: Int8Config, ctx) -> StageOutput:
+    if cfg.backend == "bitsandbytes":
+        from dsc.quantize.bnb import int8_model
+
+        return StageOutput(int8_model(model, cfg, ctx), {"backend": "bitsandbytes LLM.int8"})
+    names = select(model, cfg)
+    _untied(model, names)
+    grid = Grid(8, None, True)
+    if cfg.needs_data:
+        done, _ = _layerwise(model, cfg, ctx, names, Plan(grid, "smooth", alpha=cfg.smoothing))
+    else:
+        done = _rtn(model, names, grid)
+    return _finish(model, done, cfg, cfg.mode == "w8a8", {"smoothing": cfg.smoothing if cfg.needs_data else None})
