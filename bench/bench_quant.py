@@ -38,7 +38,7 @@ import common  # noqa: E402  (bench/peers/common.py: the measurements every tool
 
 VENVS = Path(os.environ.get("DSC_PEER_VENVS", "/work/venvs"))
 PEERS = {  # peer → (virtualenv, script, extra args, schemes)
-    "llmcompressor": ("llmc", "llmcompressor_quant.py", [], ["rtn-w4", "awq-w4", "int8-wo", "w8a8-sq"]),
+    "llmcompressor": ("llmc", "llmcompressor_quant.py", [], ["rtn-w4", "int8-wo", "w8a8-sq", "awq-w4"]),
     "torchao": ("ao", "ao_quant.py", ["--tool", "torchao"], ["int4-wo", "int8-wo", "w8a8"]),
     "quanto": ("ao", "ao_quant.py", ["--tool", "quanto"], ["int4-wo", "int8-wo", "w8a8"]),
 }

@@ -1,24 +1,17 @@
-"""The peft (and bitsandbytes, for QLoRA) adapter: wrap a model with a LoRA adapter, merge it back
-into a plain model. Every peft / bitsandbytes call of dsc is in this file."""
+"""The peft adapter: wrap a model with a LoRA adapter, merge it back into a plain model. Every
+peft call of dsc is in this file (QLoRA's NF4 base comes from dsc.quantize.bnb)."""
 from __future__ import annotations
-
-import tempfile
 
 import torch
 
 from dsc.distill.config import LoraConfig
 from dsc.errors import FieldError
+from dsc.quantize import bnb
 
 
 def qlora_unavailable() -> str | None:
     """Why QLoRA cannot run here, or None."""
-    if not torch.cuda.is_available():
-        return "nf4 (QLoRA) needs a CUDA device (bitsandbytes' 4-bit kernels); this machine has none"
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return "nf4 (QLoRA) needs bitsandbytes: pip install 'dsc[gpu]'"
-    return None
+    return bnb.unavailable("nf4 (QLoRA)")
 
 
 def _peft_config(cfg: LoraConfig):
@@ -49,17 +42,8 @@ def wrap(model, cfg: LoraConfig, ctx):
 def _nf4_base(model, cfg: LoraConfig, ctx):
     """The frozen base reloaded through bitsandbytes NF4 (double quantization, bf16 compute)."""
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    dtype = next(model.parameters()).dtype
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        model.to("cpu")  # the full-precision copy must not hold accelerator memory beside the 4-bit one
-        base = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=dtype,
-                                                    device_map={"": torch.cuda.current_device()})
-    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return prepare_model_for_kbit_training(bnb.nf4(model), use_gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def merge(peft_model, cfg: LoraConfig):

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 from dsc.context import Context  # noqa: E402
 from dsc.data.sources import DatasetsSource, JsonlSource, ParquetSource, TeacherSource, TextSource  # noqa: E402
 from dsc.errors import DscError, DscInputError, ExitCode  # noqa: E402
+from dsc.models import save_model  # noqa: E402
 from dsc.recipe import Recipe, load_recipe, validate  # noqa: E402
 from dsc.registry import STAGES  # noqa: E402
 from dsc.runner import run_recipe  # noqa: E402
@@ -37,4 +38,5 @@ def apply_stage(name: str, model, config, ctx: Context):
 
 
 __all__ = ["Context", "DatasetsSource", "DscError", "DscInputError", "ExitCode", "JsonlSource", "ParquetSource",
-           "Recipe", "STAGES", "TeacherSource", "TextSource", "apply_stage", "load_recipe", "run_recipe", "validate"]
+           "Recipe", "STAGES", "TeacherSource", "TextSource", "apply_stage", "load_recipe", "run_recipe", "save_model",
+           "validate"]

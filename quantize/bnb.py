@@ -1,6 +1,7 @@
-"""The bitsandbytes adapter of the `int8` stage: LLM.int8 (Dettmers et al. 2022), int8 weights
-with the outlier feature dimensions computed in 16-bit. CUDA only; saved and reloaded by
-transformers' own bitsandbytes serialization."""
+"""The bitsandbytes adapter: every bitsandbytes call of dsc is here. LLM.int8 for the `int8`
+stage (int8 weights, the outlier feature dimensions computed in 16-bit; Dettmers et al. 2022) and
+NF4 for QLoRA's frozen base. CUDA only; models are reloaded through transformers'
+BitsAndBytesConfig, whose serialization saves and reloads them."""
 from __future__ import annotations
 
 import tempfile
@@ -10,28 +11,39 @@ import torch
 from dsc.errors import FieldError
 
 
-def unavailable() -> str | None:
+def unavailable(what: str) -> str | None:
+    """Why `what` (e.g. "LLM.int8") cannot run here, or None."""
     if not torch.cuda.is_available():
-        return "bitsandbytes LLM.int8 needs a CUDA device; this machine has none"
+        return f"{what} needs a CUDA device (bitsandbytes' kernels); this machine has none"
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        return "bitsandbytes is not installed: pip install 'dsc[gpu]'"
+        return f"{what} needs bitsandbytes: pip install 'dsc[gpu]'"
     return None
 
 
-def int8_model(model, cfg, ctx):
-    """`model` reloaded with its linears in LLM.int8 (the ignored modules stay in float)."""
-    why = unavailable()
-    if why:
-        raise FieldError("backend", f"{why}: use backend: compressed-tensors (int8 on any device)")
+def reload(model, **quant):
+    """`model` saved and loaded back on the current CUDA device with BitsAndBytesConfig(**quant);
+    the float copy leaves accelerator memory first."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    skip = [p.removeprefix("re:") for p in cfg.ignore]
-    quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     dtype = next(model.parameters()).dtype
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         model.to("cpu")
-        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=dtype,
+        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=BitsAndBytesConfig(**quant), dtype=dtype,
                                                     device_map={"": torch.cuda.current_device()})
+
+
+def nf4(model):
+    """NF4 with double quantization and bf16 compute: QLoRA's base."""
+    return reload(model, load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                  bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def int8_model(model, cfg, ctx):
+    """`model` with its linears in LLM.int8 (the ignored modules stay in float)."""
+    why = unavailable("bitsandbytes LLM.int8")
+    if why:
+        raise FieldError("backend", f"{why}: use backend: compressed-tensors (int8 on any device)")
+    return reload(model, load_in_8bit=True, llm_int8_skip_modules=[p.removeprefix("re:") for p in cfg.ignore])

@@ -19,6 +19,7 @@ from dsc.quantize.calibrate import capture, forward, placed
 from dsc.quantize.config import AWQConfig, GridConfig, Int8Config, RTNConfig, TargetsConfig
 from dsc.quantize.grid import Grid
 from dsc.quantize.layerwise import Plan, Quantized, quantize_layer
+from dsc.quantize.progress import Progress
 from dsc.stages import StageOutput
 from dsc.structure import describe
 
@@ -91,27 +92,41 @@ def _layerwise(model, cfg, ctx, names: list[str], plan: Plan) -> tuple[dict[str,
     structure = describe(model)
     layers = model.get_submodule(structure.family.layers)
     device = torch.device(cfg.calibration_device) if cfg.calibration_device else ctx.device
+    progress = Progress(ctx.work_dir)
+    start = progress.finished() + 1
+    if start:
+        inputs = progress.inputs(device)
+        ctx.log.info("resuming calibration after layer %d", start - 1, extra={"event": "resume", "layer": start})
+    else:
+        inputs = _capture(model, layers, cfg, ctx, device)
+    done, searches, t0 = {}, [], time.perf_counter()
+    for layer in structure.layers:
+        prefix = layer.path + "."
+        if layer.index < start:
+            got, found = progress.restore(layer.index, layer.module)
+        else:
+            targets = {n[len(prefix):] for n in names if n.startswith(prefix)}
+            with placed(layer.module, device):
+                got, found, outputs = quantize_layer(layer, inputs, targets, plan)
+                inputs = forward(layer.module, inputs) if cfg.propagate else outputs
+            progress.save(layer.index, layer.module, got, found, inputs)
+            ctx.log.info("quantized layer %d/%d (%.1f s)", layer.index + 1, len(structure.layers),
+                         time.perf_counter() - t0, extra={"event": "quantized_layer", "layer": layer.index})
+        done.update({prefix + n: q for n, q in got.items()})
+        searches += [{"layer": layer.index, **s} for s in found]
+    rest = [n for n in names if n not in done]  # outside the decoder layers (an untied LM head)
+    done.update(_rtn(model, rest, plan.grid))
+    return done, searches
+
+
+def _capture(model, layers, cfg, ctx, device):
     blocks = ctx.data[cfg.data or ctx.data.default()].blocks(cfg.split)[: cfg.num_samples]
     home = next(model.parameters()).device
     _outside_layers(model, layers, device)
     try:
-        inputs = capture(model, layers, blocks, cfg.batch_size, device)
+        return capture(model, layers, blocks, cfg.batch_size, device)
     finally:
         _outside_layers(model, layers, home)
-    done, searches, t0 = {}, [], time.perf_counter()
-    for layer in structure.layers:
-        prefix = layer.path + "."
-        targets = {n[len(prefix):] for n in names if n.startswith(prefix)}
-        with placed(layer.module, device):
-            got, found, outputs = quantize_layer(layer, inputs, targets, plan)
-            inputs = forward(layer.module, inputs) if cfg.propagate else outputs
-        done.update({prefix + n: q for n, q in got.items()})
-        searches += [{"layer": layer.index, **s} for s in found]
-        ctx.log.info("quantized layer %d/%d (%.1f s)", layer.index + 1, len(structure.layers),
-                     time.perf_counter() - t0, extra={"event": "quantized_layer", "layer": layer.index})
-    rest = [n for n in names if n not in done]  # outside the decoder layers (an untied LM head)
-    done.update(_rtn(model, rest, plan.grid))
-    return done, searches
 
 
 def _finish(model, done: dict[str, Quantized], cfg: TargetsConfig, activations: bool, extra: dict) -> StageOutput:
