@@ -74,20 +74,23 @@ class InputStats:
 
     linears: list[str]
     producer: str | None  # the norm whose output this is, when there is one
-    gram: torch.Tensor  # (in, in) Σ xᵀx, float32
+    gram: torch.Tensor | None  # (in, in) Σ xᵀx, float32 (None: not needed, e.g. by SmoothQuant)
     abs_sum: torch.Tensor  # (in,) Σ |x|
     abs_max: torch.Tensor  # (in,) max |x|
     count: int = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (n, in)
-        self.gram.addmm_(x.T, x)
+        if self.gram is not None:
+            self.gram.addmm_(x.T, x)
         self.abs_sum += x.abs().sum(0)
         torch.maximum(self.abs_max, x.abs().amax(0), out=self.abs_max)
         self.count += x.shape[0]
 
     @property
     def gram_mean(self) -> torch.Tensor:
+        if self.gram is None:
+            raise RuntimeError("observe(..., gram=False) kept no Gram matrix")
         return self.gram / max(self.count, 1)
 
     @property
@@ -103,6 +106,7 @@ class _Observer:
     produced: dict[str, torch.Tensor] = field(default_factory=dict)  # norm outputs of the first batch
     last: tuple[torch.Tensor | None, InputStats | None] = (None, None)
     first_batch: bool = True
+    gram: bool = True
 
     def norm_hook(self, name):
         def hook(_module, _args, out):
@@ -121,7 +125,8 @@ class _Observer:
                 else:
                     producer = next((n for n, out in self.produced.items() if out is x), None)
                     width = x.shape[-1]
-                    st = InputStats([name], producer, x.new_zeros(width, width, dtype=torch.float32),
+                    gram = x.new_zeros(width, width, dtype=torch.float32) if self.gram else None
+                    st = InputStats([name], producer, gram,
                                     x.new_zeros(width, dtype=torch.float32), x.new_zeros(width, dtype=torch.float32))
                     self.stats.append(st)
                     self.by_linear[name] = st
@@ -140,12 +145,13 @@ class Observed:
 
 
 @torch.no_grad()
-def observe(layer: nn.Module, inputs: Inputs, linears: dict[str, nn.Linear], keep_calls: int = 0) -> Observed:
+def observe(layer: nn.Module, inputs: Inputs, linears: dict[str, nn.Linear], keep_calls: int = 0,
+            gram: bool = True) -> Observed:
     """Input statistics of `linears` (name inside `layer` → module) over every batch, grouped by
     shared input; the layer's (float) outputs; and, for the first `keep_calls` batches, the
     arguments each module holding linears (attention, MLP) was called with, so a search can
     replay it."""
-    obs = _Observer(linears)
+    obs = _Observer(linears, gram=gram)
     handles = [m.register_forward_hook(obs.norm_hook(n)) for n, m in layer.named_modules()
                if _is_norm(m)]
     handles += [lin.register_forward_pre_hook(obs.linear_hook(n)) for n, lin in linears.items()]

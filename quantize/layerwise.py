@@ -105,7 +105,8 @@ def _fold(group: _Group, linears: dict[str, nn.Linear], s: torch.Tensor) -> None
         lin = linears[name]
         lin.weight.mul_(s.to(lin.weight.dtype))
     st = group.stats
-    st.gram.div_(s[:, None] * s[None, :])
+    if st.gram is not None:
+        st.gram.div_(s[:, None] * s[None, :])
     st.abs_sum.div_(s)
     st.abs_max.div_(s)
 
@@ -164,7 +165,8 @@ def quantize_layer(layer: Layer, inputs, targets: set[str], plan: Plan) -> tuple
     """Quantize the target linears (names inside the layer) of one decoder layer in place.
     Returns what each became, the scale searches, and the float layer's outputs."""
     linears = {n: m for n, m in layer.module.named_modules() if isinstance(m, nn.Linear)}
-    seen = observe(layer.module, inputs, linears, plan.loss_batches if plan.module_loss else 0)
+    seen = observe(layer.module, inputs, linears, plan.loss_batches if plan.module_loss else 0,
+                   gram=plan.scaling == "awq" or plan.clip)
     groups, outputs = _groups(layer, seen.stats), seen.outputs
     searches = []
     for group in groups:
