@@ -19,7 +19,6 @@ weights int4 symmetric with group 64 (SmolLM2's 576-wide inputs do not take 128)
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform

@@ -67,10 +67,14 @@ def perplexity(model, stream: torch.Tensor, context_length: int, stride: int, ba
 
 
 def param_counts(model) -> dict:
-    """Total and non-embedding parameters; tied weights counted once."""
+    """Total and non-embedding parameters; tied weights counted once; the scales and zero points
+    of quantized linears are storage (counted in bytes), not parameters."""
+    from dsc.quantize.ct import qparam_names
+
+    skip = qparam_names(model)
     seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
+    for name, p in model.named_parameters():
+        if p.data_ptr() not in seen and name not in skip:
             seen.add(p.data_ptr())
             total += p.numel()
     embedding = 0

@@ -40,7 +40,14 @@ def setup_logging(fmt: str = "text", level: str = "info") -> logging.Logger:
         # transformers draws its own bars (weight loading, and plain tqdm for GGUF dequantization):
         # none of them belong in a job's log. The CLI owns this process, so it may set these.
         hf_logging.disable_progress_bar()
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm only when it is first imported, so also:
+        import functools
+
+        import tqdm.std  # compressed-tensors' and GGUF's bars are plain tqdm
+
+        if not getattr(tqdm.std.tqdm, "_dsc_quiet", False):
+            tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
+            tqdm.std.tqdm._dsc_quiet = True
     if fmt == "json":  # third-party warnings become JSON lines too
         hf_logging.disable_default_handler()
         hf_logging.add_handler(handler)

@@ -66,6 +66,12 @@ def stored_bits(model: nn.Module) -> dict[str, int]:
             if getattr(m, "quantization_scheme", None) is not None and m.quantization_scheme.weights is not None}
 
 
+def qparam_names(model: nn.Module) -> set[str]:
+    """Names of the quantization parameters (scales, zero points) of quantized linears."""
+    return {f"{name}.{p}" for name, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None
+            for p, _ in m.named_parameters(recurse=False) if p != "weight" and p != "bias"}
+
+
 def describe(model: nn.Module) -> dict | None:
     """The scheme of a quantized model as plain data (for reports), or None."""
     for m in model.modules():

@@ -248,6 +248,7 @@ def test_recipe_quantizes_resumes_and_publishes_a_loadable_model(llama_dir, text
     assert config["quantization_config"]["format"] == "pack-quantized"
     rows = json.loads((out / "metrics.json").read_text())["evaluations"][0]["rows"]
     assert rows[-1]["weight_bytes"] < 0.6 * rows[0]["weight_bytes"]  # 4-bit linears; embedding stays float
+    assert rows[-1]["params"] == rows[0]["params"]  # scales and zero points are bytes, not parameters
     # resume from the quantized checkpoint: appended stages run on what stage 1 saved
     more = stages + [{"evaluate": {**EVAL, "teacher": False}}]
     run_recipe(validate(recipe_dict(llama_dir, text_file, out, more), base_dir=tmp_path))

@@ -91,8 +91,8 @@ def apply(model, cfg: EvaluateConfig, ctx) -> StageOutput:
         metrics = {"model": measure(model, cfg, ctx, "model")}
     if cfg.teacher:
         # Keyed by everything the numbers depend on, hardware included: a resume elsewhere re-measures.
-        key = hash_json([cfg.model_dump(exclude={"teacher"}), metrics["model"]["protocol"], str(ctx.device),
-                         torch.get_num_threads()])
+        key = hash_json([cfg.model_dump(exclude={"teacher", "int8_kernels"}), metrics["model"]["protocol"],
+                         str(ctx.device), torch.get_num_threads()])
         if ctx.teacher_is(model):  # nothing changed the model yet: it is the teacher
             metrics["teacher"] = ctx.baseline(key, lambda: metrics["model"])
         else:
