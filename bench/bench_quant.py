@@ -87,7 +87,7 @@ def worker(method: str, paths: dict[str, Path], out: Path, group: int) -> dict:
               "dsc-int8-wo": (apply_int8, Int8Config(mode="weight_only")),
               "dsc-w8a8": (apply_int8, Int8Config(mode="w8a8", **data)),
               "dsc-w8a8-cpu-kernels": (apply_int8, Int8Config(mode="w8a8", **data))}
-    seconds, disk = 0.0, None
+    seconds = 0.0
     if method != "float":
         apply, cfg = stages[method]
         t0 = time.perf_counter()

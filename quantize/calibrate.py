@@ -51,14 +51,15 @@ def capture(model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor, batch
     return inputs
 
 
-def _hidden(out):
+def hidden(out):
+    """The hidden states of a module's output (decoder layers and attention may return tuples)."""
     return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
 def forward(layer: nn.Module, inputs: Inputs) -> Inputs:
     """Run `layer` on every batch; its outputs become the next layer's first argument."""
-    return [_next(args, kwargs, _hidden(layer(*args, **kwargs))) for args, kwargs in inputs]
+    return [_next(args, kwargs, hidden(layer(*args, **kwargs))) for args, kwargs in inputs]
 
 
 def _next(args: tuple, kwargs: dict, out: torch.Tensor) -> tuple[tuple, dict]:
@@ -100,7 +101,6 @@ class InputStats:
 
 @dataclass
 class _Observer:
-    linears: dict[str, nn.Linear]
     stats: list[InputStats] = field(default_factory=list)
     by_linear: dict[str, InputStats] = field(default_factory=dict)
     produced: dict[str, torch.Tensor] = field(default_factory=dict)  # norm outputs of the first batch
@@ -111,7 +111,7 @@ class _Observer:
     def norm_hook(self, name):
         def hook(_module, _args, out):
             if self.first_batch:
-                self.produced[name] = _hidden(out)
+                self.produced[name] = hidden(out)
         return hook
 
     def linear_hook(self, name):
@@ -151,7 +151,7 @@ def observe(layer: nn.Module, inputs: Inputs, linears: dict[str, nn.Linear], kee
     shared input; the layer's (float) outputs; and, for the first `keep_calls` batches, the
     arguments each module holding linears (attention, MLP) was called with, so a search can
     replay it."""
-    obs = _Observer(linears, gram=gram)
+    obs = _Observer(gram=gram)
     handles = [m.register_forward_hook(obs.norm_hook(n)) for n, m in layer.named_modules()
                if _is_norm(m)]
     handles += [lin.register_forward_pre_hook(obs.linear_hook(n)) for n, lin in linears.items()]
@@ -170,7 +170,7 @@ def observe(layer: nn.Module, inputs: Inputs, linears: dict[str, nn.Linear], kee
     try:
         for args, kwargs in inputs:
             obs.last = (None, None)
-            outputs.append(_next(args, kwargs, _hidden(layer(*args, **kwargs))))
+            outputs.append(_next(args, kwargs, hidden(layer(*args, **kwargs))))
             obs.first_batch, obs.produced = False, {}
     finally:
         for h in handles:

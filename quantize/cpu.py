@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dsc.quantize.grid import Grid
+
 
 def _eligible(module: nn.Module) -> bool:
     scheme = getattr(module, "quantization_scheme", None)
@@ -38,9 +40,9 @@ class Int8Linear(nn.Module):
 
     def __init__(self, module: nn.Linear, full_range: bool):
         super().__init__()
-        scale = module.weight_scale.detach().float().reshape(-1)  # (out,)
-        codes = torch.round(module.weight.detach().float() / scale[:, None]).clamp(-128, 127).to(torch.int8)
-        zeros = torch.zeros_like(scale, dtype=torch.long)
+        scale = module.weight_scale.detach().float().reshape(-1, 1)  # (out, 1)
+        codes = Grid(8, None, True).codes(module.weight.detach(), scale, torch.zeros_like(scale))  # (out, in) int8
+        scale, zeros = scale.reshape(-1), torch.zeros(scale.shape[0], dtype=torch.long)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's quantized tensors are deprecated in favour of torchao
             from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear

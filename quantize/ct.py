@@ -9,15 +9,12 @@ packs the integer codes (`weight_packed` int32 for 4-bit, int8 `weight` for W8A8
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dsc.quantize.layerwise import Quantized
-
-logging.getLogger("compressed_tensors").setLevel(logging.WARNING)
 
 
 def _args(q: Quantized):

@@ -11,12 +11,12 @@ fused experts also read it, so MoE layers are quantized without the MLP-side sca
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dsc.quantize.calibrate import InputStats, observe
+from dsc.quantize.calibrate import InputStats, hidden, observe
 from dsc.quantize.grid import Grid
 from dsc.quantize.search import awq_scale, clip_ratios, gram_loss, smooth_scale
 from dsc.structure import Layer
@@ -43,7 +43,6 @@ class Plan:
     clip: bool = False
     module_loss: bool = False  # score norm-fed groups on their module's output (else: their own outputs)
     loss_batches: int = 1  # calibration batches that module loss replays
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -115,22 +114,20 @@ def _module_loss(module: nn.Module, calls, weights: list[nn.Parameter], grid: Gr
     """Loss of a scale s: the error of the module's output (attention block, MLP) when `weights`
     are quantized with s, replayed on the calls kept from calibration (AutoAWQ's objective)."""
     originals = [w.detach().clone() for w in weights]
-    refs = [_hidden(module(*a, **k)) for a, k in calls]
+    refs = [hidden(module(*a, **k)) for a, k in calls]
     count = sum(r.numel() for r in refs)
 
     def loss(s: torch.Tensor) -> float:
         try:
             for w, w0 in zip(weights, originals):
                 w.copy_((grid.rtn(w0.float() * s) / s).to(w.dtype))
-            return sum(float((_hidden(module(*a, **k)) - r).float().pow(2).sum()) for (a, k), r in zip(calls, refs)) / count
+            errors = (float((hidden(module(*a, **k)) - r).float().pow(2).sum()) for (a, k), r in zip(calls, refs))
+            return sum(errors) / count
         finally:
             for w, w0 in zip(weights, originals):
                 w.copy_(w0)
     return loss
 
-
-def _hidden(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _scale(group: _Group, linears: dict[str, nn.Linear], targets: set[str], plan: Plan, calls: dict) -> dict | None:
@@ -183,8 +180,15 @@ def quantize_layer(layer: Layer, inputs, targets: set[str], plan: Plan) -> tuple
             ratio = 1.0
             if plan.clip and linears[name] not in no_clip:
                 ratio = clip_ratios(w, group.stats.gram_mean, plan.grid, plan.n_grid)
-            scale, zero = plan.grid.params(w, ratio)
-            scale = scale.to(w.dtype).clamp(min=torch.finfo(w.dtype).tiny).float()  # as it will be stored
-            w.copy_(plan.grid.fake(w, scale, zero).to(w.dtype))
-            done[name] = Quantized(plan.grid, scale, zero)
+            done[name] = to_grid(w, plan.grid, ratio)
     return done, searches, outputs
+
+
+@torch.no_grad()
+def to_grid(weight: nn.Parameter, grid: Grid, clip: torch.Tensor | float = 1.0) -> Quantized:
+    """Put `weight` on the grid in place (range shrunk by `clip`); the scale is rounded to the
+    weight's dtype first, as it will be stored, so the stored model computes exactly this."""
+    scale, zero = grid.params(weight, clip)
+    scale = scale.to(weight.dtype).clamp(min=torch.finfo(weight.dtype).tiny).float()
+    weight.copy_(grid.fake(weight, scale, zero).to(weight.dtype))
+    return Quantized(grid, scale, zero)

@@ -1,7 +1,8 @@
 """The searches of AWQ and SmoothQuant, on a group of linears that read one input.
 
-All losses are output errors over every calibration token, computed from the input's Gram
-matrix G = XᵀX / n (in, in): for a weight change Δ (out, in), mean ‖X Δᵀ‖² = Σ (Δ G) ⊙ Δ.
+The losses here are output errors over every calibration token, computed from the input's
+Gram matrix G = XᵀX / n (in, in) (the module-output loss is dsc.quantize.layerwise's): for a
+weight change Δ (out, in), mean ‖X Δᵀ‖² = Σ (Δ G) ⊙ Δ.
 
 AWQ (Lin et al. 2024): scaling input channel j of the weights by s_j and dividing the input by
 s_j leaves the float output unchanged but moves quantization error away from channels with

@@ -18,7 +18,7 @@ from dsc.quantize import ct
 from dsc.quantize.calibrate import capture, forward, placed
 from dsc.quantize.config import AWQConfig, GridConfig, Int8Config, RTNConfig, TargetsConfig
 from dsc.quantize.grid import Grid
-from dsc.quantize.layerwise import Plan, Quantized, quantize_layer
+from dsc.quantize.layerwise import Plan, Quantized, quantize_layer, to_grid
 from dsc.quantize.progress import Progress
 from dsc.stages import StageOutput
 from dsc.structure import describe
@@ -68,16 +68,8 @@ def _untied(model: nn.Module, names: list[str]) -> None:
                                        "(tie_word_embeddings): keep it in ignore")
 
 
-@torch.no_grad()
 def _rtn(model: nn.Module, names: list[str], grid: Grid) -> dict[str, Quantized]:
-    done = {}
-    for name in names:
-        w = model.get_submodule(name).weight
-        scale, zero = grid.params(w)
-        scale = scale.to(w.dtype).clamp(min=torch.finfo(w.dtype).tiny).float()
-        w.copy_(grid.fake(w, scale, zero).to(w.dtype))
-        done[name] = Quantized(grid, scale, zero)
-    return done
+    return {name: to_grid(model.get_submodule(name).weight, grid) for name in names}
 
 
 def _outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device):
