@@ -33,6 +33,10 @@ class Family:
     down: str
     experts_key: str | None = None  # config field holding the routed expert count
     fixed_head_dim: bool = True  # False: head size = hidden / heads, so heads cannot be removed
+    mla: bool = False  # multi-head latent attention (DeepSeek-V2/V3): q_a/q_b, kv_a/kv_b, o
+    shared: str | None = None  # shared expert(s) inside the MoE block, a dense MLP
+    shared_gate: str | None = None  # Qwen2-MoE: a sigmoid gate on the shared expert's output
+    head_norm: bool = False  # q/k norms over all heads at once (OLMoE): heads cannot be removed exactly
 
 
 _LLAMA = dict(attn="self_attn", q="q_proj", k="k_proj", v="v_proj", qkv=None, o="o_proj", mlp="mlp",
@@ -40,10 +44,35 @@ _LLAMA = dict(attn="self_attn", q="q_proj", k="k_proj", v="v_proj", qkv=None, o=
 FAMILIES = (
     Family("llama-like", ("llama", "mistral", "qwen2", "qwen3"), **_LLAMA),
     Family("mixtral", ("mixtral",), **_LLAMA, experts_key="num_local_experts"),
-    Family("qwen-moe", ("qwen2_moe", "qwen3_moe"), **_LLAMA, experts_key="num_experts"),
+    Family("qwen-moe", ("qwen2_moe", "qwen3_moe"), **_LLAMA, experts_key="num_experts", shared="shared_expert",
+           shared_gate="shared_expert_gate"),
+    Family("olmoe", ("olmoe",), **_LLAMA, experts_key="num_experts", head_norm=True),
+    Family("deepseek", ("deepseek_v2", "deepseek_v3"), **{**_LLAMA, "q": None, "k": None, "v": None},
+           experts_key="n_routed_experts", mla=True, shared="shared_experts"),
     Family("gpt-neox", ("gpt_neox",), "gpt_neox.layers", "attention", None, None, None, "query_key_value", "dense",
            "mlp", None, "dense_h_to_4h", "dense_4h_to_h", fixed_head_dim=False),
 )
+
+
+@dataclass(frozen=True)
+class MLA:
+    """Multi-head latent attention (DeepSeek-V2/V3). Per head h, q_b's rows h·(nope+rope) … hold its
+    query (no-RoPE part first), kv_b's rows h·(nope+v) … its no-RoPE key then its value, o's columns
+    h·v … its output; the RoPE key (the last `rope` rows of kv_a) is shared by all heads."""
+
+    q_a: nn.Linear | None  # hidden → q_lora_rank (None: one q_proj, no low rank)
+    q_a_norm: nn.Module | None
+    q_b: nn.Linear  # q_lora_rank (or hidden) → heads · (nope + rope)
+    kv_a: nn.Linear  # hidden → kv_lora_rank + rope
+    kv_a_norm: nn.Module
+    kv_b: nn.Linear  # kv_lora_rank → heads · (nope + v)
+    nope: int
+    rope: int
+    v_dim: int
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [lin for lin in (self.q_a, self.q_b, self.kv_a, self.kv_b) if lin is not None]
 
 
 @dataclass(frozen=True)
@@ -57,6 +86,7 @@ class Attention:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    mla: MLA | None = None
 
     @property
     def group_size(self) -> int:  # query heads per KV head
@@ -64,7 +94,8 @@ class Attention:
 
     @property
     def linears(self) -> list[nn.Linear]:
-        return [lin for lin in (self.q, self.k, self.v, self.qkv, self.o) if lin is not None]
+        return [lin for lin in (self.q, self.k, self.v, self.qkv) if lin is not None] + \
+            (self.mla.linears if self.mla is not None else []) + [self.o]
 
 
 @dataclass(frozen=True)
@@ -93,6 +124,17 @@ class MoE:
     experts: nn.Module
     num_experts: int
     top_k: int
+    shared: MLP | None = None  # shared expert(s): every token goes through them
+    shared_gate: nn.Linear | None = None
+
+    @property
+    def width(self) -> int:  # intermediate size of one routed expert
+        return self.experts.down_proj.shape[2]
+
+    @property
+    def linears(self) -> list[nn.Linear]:  # the nn.Linear modules; the routed experts are fused tensors
+        return (self.shared.linears if self.shared is not None else []) + \
+            ([self.shared_gate] if self.shared_gate is not None else [])
 
 
 @dataclass(frozen=True)
@@ -145,16 +187,35 @@ def describe(model: nn.Module) -> Structure:
         attn_mod, mlp_mod = _get(layer, family.attn, family), _get(layer, family.mlp, family)
         names = (family.q, family.k, family.v, family.qkv)
         q, k, v, qkv = (_get(attn_mod, n, family) if n else None for n in names)
-        attn = Attention(f"{path}.{family.attn}", q, k, v, qkv, _get(attn_mod, family.o, family), heads, kv, head_dim)
+        mla = _mla(attn_mod, config) if family.mla else None
+        attn = Attention(f"{path}.{family.attn}", q, k, v, qkv, _get(attn_mod, family.o, family), heads, kv,
+                         mla.nope + mla.rope if mla else head_dim, mla)
         mlp = moe = None
         if hasattr(mlp_mod, "experts"):
             router = _get(mlp_mod, "gate", family)
-            moe = MoE(f"{path}.{family.mlp}", router, mlp_mod.experts, router.weight.shape[0], router.top_k)
+            shared = _mlp(mlp_mod, family.shared, f"{path}.{family.mlp}", family) if family.shared else None
+            gate = _get(mlp_mod, family.shared_gate, family) if family.shared_gate and shared else None
+            moe = MoE(f"{path}.{family.mlp}", router, mlp_mod.experts, router.weight.shape[0], router.top_k,
+                      shared, gate)
         else:
-            mlp = MLP(f"{path}.{family.mlp}", _get(mlp_mod, family.gate, family) if family.gate else None,
-                      _get(mlp_mod, family.up, family), _get(mlp_mod, family.down, family))
+            mlp = _mlp(layer, family.mlp, path, family)
         layers.append(Layer(i, path, layer, attn, mlp, moe))
     return Structure(family, tuple(layers))
+
+
+def _mlp(parent: nn.Module, name: str, parent_path: str, family: Family) -> MLP | None:
+    module = getattr(parent, name, None)
+    if module is None:  # e.g. a Qwen2-MoE with shared_expert_intermediate_size 0
+        return None
+    return MLP(f"{parent_path}.{name}", _get(module, family.gate, family) if family.gate else None,
+               _get(module, family.up, family), _get(module, family.down, family))
+
+
+def _mla(attn: nn.Module, config) -> MLA:
+    q_a = getattr(attn, "q_a_proj", None)
+    return MLA(q_a, getattr(attn, "q_a_layernorm", None), attn.q_b_proj if q_a is not None else attn.q_proj,
+               attn.kv_a_proj_with_mqa, attn.kv_a_layernorm, attn.kv_b_proj,
+               config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim)
 
 
 def _get(root: nn.Module, path: str, family: Family):

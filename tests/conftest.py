@@ -49,6 +49,48 @@ def make_model(family: str, vocab_size: int, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe")
+TINY_DSV3 = SHARED / "models" / "tiny-deepseek-v3"
+
+
+def make_moe(family: str, vocab: int, seed: int = 0):
+    """A tiny mixture-of-experts of `family`, 4 layers, with a dense layer among them. DeepSeek-V3:
+    MLA (q and kv low rank), first layer dense, 1 shared + 8 routed experts in 2 groups."""
+    from transformers import (AutoModelForCausalLM, DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
+                              Qwen3MoeConfig)
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=2, bos_token_id=0,
+                  eos_token_id=1, pad_token_id=None)
+    if family == "mixtral":
+        config = MixtralConfig(**common, num_local_experts=4)
+    elif family == "olmoe":
+        config = OlmoeConfig(**common, num_experts=4)
+    elif family == "deepseek_v3":
+        config = DeepseekV3Config(**{**common, "num_key_value_heads": 4}, n_routed_experts=8, n_group=2, topk_group=1,
+                                  n_shared_experts=1, moe_intermediate_size=16, first_k_dense_replace=1,
+                                  q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                  v_head_dim=8, head_dim=4, tie_word_embeddings=False)
+    else:
+        cls = Qwen2MoeConfig if family == "qwen2_moe" else Qwen3MoeConfig
+        extra = {"shared_expert_intermediate_size": 24} if family == "qwen2_moe" else {"head_dim": 8}
+        config = cls(**common, num_experts=4, moe_intermediate_size=16, mlp_only_layers=[1], decoder_sparse_step=1,
+                     **extra)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if family == "deepseek_v3":  # a trained model's correction bias is not zero: make the tests see it
+        for layer in model.model.layers[config.first_k_dense_replace:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dsv3_dir() -> Path:
+    if not (TINY_DSV3 / "config.json").is_file():
+        pytest.skip(f"{TINY_DSV3} is absent (../shared not beside this checkout)")
+    return TINY_DSV3
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

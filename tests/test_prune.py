@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import make_moe
 from dsc import Context, TeacherSource, TextSource, apply_stage
 from dsc.errors import DscInputError, FieldError
 from dsc.evaluation import param_counts, perplexity
@@ -167,19 +168,7 @@ def test_global_ratio_reaches_the_target(tokenizer, ctx, kinds):
 
 
 def tiny_moe(family: str, vocab: int, seed: int = 0):
-    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
-
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=2)
-    if family == "mixtral":
-        config = MixtralConfig(**common, num_local_experts=4)
-    else:
-        cls = Qwen2MoeConfig if family == "qwen2_moe" else Qwen3MoeConfig
-        extra = {"shared_expert_intermediate_size": 24} if family == "qwen2_moe" else {"head_dim": 8}
-        config = cls(**common, num_experts=4, moe_intermediate_size=16, mlp_only_layers=[1], decoder_sparse_step=1,
-                     **extra)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return make_moe(family, vocab, seed)
 
 
 MOE_CUTS = {
