@@ -91,6 +91,25 @@ def tiny_dsv3_dir() -> Path:
     return TINY_DSV3
 
 
+def sample_stories(n: int, length: int, seed: int) -> torch.Tensor:
+    """(n, length) token ids sampled from stories260K, starting at its BOS. tiny-deepseek-v3 was
+    trained on seed 0's samples: any other seed is held-out text for it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    torch.manual_seed(seed)
+    ones = torch.ones(n, 1, dtype=torch.long)
+    with torch.no_grad():
+        return model.generate(ones, attention_mask=ones, do_sample=True, max_new_tokens=length - 1,
+                              min_new_tokens=length - 1)
+
+
+@pytest.fixture(scope="session")
+def dsv3_text(tiny_dsv3_dir, stories_dir):
+    """Calibration (32 × 128, seed 1) and held-out (32 × 128, seed 2) text for tiny-deepseek-v3."""
+    return sample_stories(32, 128, seed=1), sample_stories(32, 128, seed=2)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
