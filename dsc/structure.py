@@ -32,6 +32,8 @@ class Family:
     up: str
     down: str
     experts_key: str | None = None  # config field holding the routed expert count
+    expert_width_key: str | None = None  # config field holding one routed expert's intermediate size
+    shared_width_key: str | None = None  # ... the shared expert's (None: derived from expert_width_key)
     fixed_head_dim: bool = True  # False: head size = hidden / heads, so heads cannot be removed
     mla: bool = False  # multi-head latent attention (DeepSeek-V2/V3): q_a/q_b, kv_a/kv_b, o
     shared: str | None = None  # shared expert(s) inside the MoE block, a dense MLP
@@ -43,12 +45,17 @@ _LLAMA = dict(attn="self_attn", q="q_proj", k="k_proj", v="v_proj", qkv=None, o=
               gate="gate_proj", up="up_proj", down="down_proj", layers="model.layers")
 FAMILIES = (
     Family("llama-like", ("llama", "mistral", "qwen2", "qwen3"), **_LLAMA),
-    Family("mixtral", ("mixtral",), **_LLAMA, experts_key="num_local_experts"),
-    Family("qwen-moe", ("qwen2_moe", "qwen3_moe"), **_LLAMA, experts_key="num_experts", shared="shared_expert",
-           shared_gate="shared_expert_gate"),
-    Family("olmoe", ("olmoe",), **_LLAMA, experts_key="num_experts", head_norm=True),
+    Family("mixtral", ("mixtral",), **_LLAMA, experts_key="num_local_experts", expert_width_key="intermediate_size"),
+    Family("qwen-moe", ("qwen2_moe", "qwen3_moe"), **_LLAMA, experts_key="num_experts",
+           expert_width_key="moe_intermediate_size", shared="shared_expert", shared_gate="shared_expert_gate",
+           shared_width_key="shared_expert_intermediate_size"),
+    Family("olmoe", ("olmoe",), **_LLAMA, experts_key="num_experts", expert_width_key="intermediate_size",
+           head_norm=True),
+    # DeepSeek: shared experts are n_shared_experts × moe_intermediate_size wide, the first
+    # first_k_dense_replace layers dense (intermediate_size), routing group-limited (n_group, topk_group)
     Family("deepseek", ("deepseek_v2", "deepseek_v3"), **{**_LLAMA, "q": None, "k": None, "v": None},
-           experts_key="n_routed_experts", mla=True, shared="shared_experts"),
+           experts_key="n_routed_experts", expert_width_key="moe_intermediate_size", mla=True,
+           shared="shared_experts"),
     Family("gpt-neox", ("gpt_neox",), "gpt_neox.layers", "attention", None, None, None, "query_key_value", "dense",
            "mlp", None, "dense_h_to_4h", "dense_4h_to_h", fixed_head_dim=False),
 )

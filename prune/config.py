@@ -26,13 +26,22 @@ class PruneConfig(Config):
     head_mode: Literal["per_group", "groups"] = Field(
         "per_group", description="per_group: the same number of query heads from every KV group; "
                                  "groups: whole KV groups (shrinks the KV cache too)")
-    channels: Fraction = Field(0.0, description="fraction of MLP intermediate channels to remove (same in every layer)")
+    channels: Fraction = Field(0.0, description="fraction of MLP intermediate channels to remove (same in every layer): "
+                                                "dense MLPs, and in a mixture of experts every routed and shared expert")
     channel_multiple: int = Field(1, gt=0, description="round the kept MLP width down to a multiple of this "
                                                        "(e.g. 128 for AWQ groups later)")
     layers: Fraction = Field(0.0, description="fraction of decoder layers to remove")
     experts: Fraction = Field(0.0, description="fraction of routed experts to remove from every MoE layer")
-    expert_importance: Literal["usage", "frequency", "random"] = Field(
-        "usage", description="usage: routing weight received on calibration data; frequency: top-k count; random")
+    expert_importance: Literal["reap", "reconstruction", "usage", "frequency", "random"] = Field(
+        "reap", description="reap: router-weighted expert output norm on calibration data (REAP); reconstruction: "
+                            "greedy, the expert whose removal changes the MoE block's output least goes first "
+                            "(O(E²) block passes per layer on `reconstruction_tokens`); usage: routing weight "
+                            "received; frequency: top-k count; random")
+    reconstruction_tokens: int = Field(2048, gt=0, description="calibration tokens per MoE layer the "
+                                                                "reconstruction importance measures on")
+    expert_merge: Literal["drop", "merge"] = Field(
+        "drop", description="drop: removed experts are gone (their tokens go to the next-best experts); merge: each "
+                            "is averaged (by routing frequency) into the kept expert whose outputs are most similar")
     importance: Literal["activation", "taylor", "magnitude", "random"] = Field(
         "activation", description="width importance: activation (Wanda |W|·‖X‖ on calibration data), taylor "
                                   "(|W·∇W|, LLM-Pruner), magnitude (weight norm), random (a baseline)")

@@ -11,8 +11,9 @@ columns a structural unit owns:
   random:     seeded uniform scores (a baseline)
 Depth importance (ShortGPT's block influence): 1 − cos(layer input, layer output), averaged over
 tokens; the layers that change their input least are removed first.
-Expert importance: router usage on calibration data — the routing weight each expert receives,
-summed over tokens (`usage`), or how often it is in the top-k (`frequency`).
+Expert importance (prune/experts.py): REAP's router-weighted output norm, routing weight received
+(`usage`), top-k count (`frequency`), or random; expert channels by activation (routing-weighted
+input of each expert's down_proj), magnitude or random.
 
 Calibration is hook-based: statistics are accumulated in place during plain forward passes and no
 activation is kept, so peak memory is the model plus one forward's activations.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from dsc.errors import FieldError
+from dsc.prune import experts as moe_experts
 from dsc.structure import Structure
 
 
@@ -36,18 +38,29 @@ class Scores:  # higher = more important; dicts are keyed by layer index
     channels: dict[int, torch.Tensor]  # dense MLP layers: (width,)
     experts: dict[int, torch.Tensor]  # MoE layers: (num_experts,)
     layers: torch.Tensor | None  # (num_layers,)
+    expert_channels: dict[int, torch.Tensor] = None  # MoE layers: (num_experts, expert width)
+    shared_channels: dict[int, torch.Tensor] = None  # MoE layers with shared experts: (shared width,)
+    stats: dict[int, "moe_experts.ExpertStats"] = None  # MoE layers: routing statistics (for merging)
+
+
+def _mlps(structure: Structure) -> list:
+    """Dense MLPs and shared experts: what channel pruning cuts as nn.Linear modules."""
+    out = []
+    for layer in structure.layers:
+        out += [layer.mlp] if layer.mlp is not None else [layer.moe.shared] if layer.moe.shared is not None else []
+    return out
 
 
 def _linears(structure: Structure) -> list[nn.Linear]:
     out = []
     for layer in structure.layers:
-        out += layer.attn.linears + (layer.mlp.linears if layer.mlp is not None else [])
-    return out
+        out += layer.attn.linears
+    return out + [lin for m in _mlps(structure) for lin in m.linears]
 
 
 def _outputs(structure: Structure) -> list[nn.Linear]:
     """The projections that write heads and channels back to the residual stream."""
-    return [layer.attn.o for layer in structure.layers] + [layer.mlp.down for layer in structure.dense()]
+    return [layer.attn.o for layer in structure.layers] + [m.down for m in _mlps(structure)]
 
 
 def calibration_batches(blocks: torch.Tensor, batch_size: int, device) -> list[torch.Tensor]:
@@ -58,28 +71,22 @@ def calibration_batches(blocks: torch.Tensor, batch_size: int, device) -> list[t
 class Calibration:
     sq: dict[int, torch.Tensor]  # id(linear) -> Σ x² per input column
     block_influence: torch.Tensor  # (num_layers,)
-    usage: dict[int, torch.Tensor]  # layer -> Σ routing weight per expert
-    frequency: dict[int, torch.Tensor]  # layer -> top-k count per expert
+    experts: dict[int, moe_experts.ExpertStats]  # layer -> routing statistics
+    moe_inputs: dict[int, list[torch.Tensor]]  # layer -> input tokens of the MoE block (reconstruction)
 
 
 @torch.inference_mode()
-def calibrate(model: nn.Module, structure: Structure, batches, block_influence: bool) -> Calibration:
-    """One calibration pass: ‖X_col‖² of every linear's input, router statistics and, optionally,
-    block influence."""
+def calibrate(model: nn.Module, structure: Structure, batches, block_influence: bool, expert_outputs: bool = False,
+              similarity: bool = False, moe_inputs: int = 0) -> Calibration:
+    """One calibration pass: ‖X_col‖² of every output projection's input, routing statistics (and,
+    with `expert_outputs` / `similarity`, REAP norms, expert channel activations, expert
+    similarities) and, optionally, block influence."""
     sq = {id(lin): torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device)
           for lin in _outputs(structure)}
     bi = torch.zeros(len(structure.layers), dtype=torch.float64)
-    usage = {layer.index: torch.zeros(layer.moe.num_experts, dtype=torch.float64) for layer in structure.sparse()}
-    freq = {i: torch.zeros_like(u) for i, u in usage.items()}
+    stats = {layer.index: moe_experts.ExpertStats.empty(layer.moe.experts) for layer in structure.sparse()}
     count = torch.zeros(1, dtype=torch.float64)
     hooks = []
-
-    def routed(index):
-        def hook(mod, args, output):
-            _, weights, experts = output  # (tokens, top_k) each
-            usage[index].index_add_(0, experts.reshape(-1).cpu(), weights.reshape(-1).double().cpu())
-            freq[index].index_add_(0, experts.reshape(-1).cpu(), torch.ones(experts.numel(), dtype=torch.float64))
-        return hook
 
     def pre(mod, args):
         x = args[0].detach().double()  # (B, T, in)
@@ -98,8 +105,13 @@ def calibrate(model: nn.Module, structure: Structure, batches, block_influence: 
     if block_influence:
         for layer in structure.layers:
             hooks.append(layer.module.register_forward_hook(block(layer.index), with_kwargs=True))
+    inputs = {layer.index: [] for layer in structure.sparse()} if moe_inputs else {}
     for layer in structure.sparse():
-        hooks.append(layer.moe.router.register_forward_hook(routed(layer.index)))
+        fn = moe_experts.hook(stats[layer.index], expert_outputs, similarity)
+        hooks.append(layer.moe.experts.register_forward_hook(fn))
+        if moe_inputs:
+            block = layer.module.get_submodule(structure.family.mlp)
+            hooks.append(block.register_forward_pre_hook(moe_experts.capture(inputs[layer.index], moe_inputs)))
     # Only the hooks' statistics matter: skip the (B, T, vocab) logits where the model allows it.
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     try:
@@ -109,7 +121,7 @@ def calibrate(model: nn.Module, structure: Structure, batches, block_influence: 
     finally:
         for h in hooks:
             h.remove()
-    return Calibration(sq, bi / count, usage, freq)
+    return Calibration(sq, bi / count, stats, inputs)
 
 
 def taylor_grads(model: nn.Module, structure: Structure, batches) -> dict[int, torch.Tensor]:
@@ -159,6 +171,10 @@ def head_scores(a, element) -> tuple[torch.Tensor, torch.Tensor]:
     """(num_heads,) and (num_kv_heads,) from the q/k/v rows and o columns each owns (head-major;
     query head h reads KV head h // group_size, as repeat_kv lays them out)."""
     so = element(a.o)  # (hidden, heads · head_dim), always scored
+    if a.mla is not None:  # one latent KV shared by all heads: each head owns q_b and kv_b rows, o columns
+        h = so.view(so.shape[0], a.num_heads, a.mla.v_dim).sum((0, 2))
+        h = h + _rows(element(a.mla.q_b), a.num_heads) + _rows(element(a.mla.kv_b), a.num_heads)
+        return h.cpu(), h.cpu()
     h = so.view(so.shape[0], a.num_heads, a.head_dim).sum((0, 2)) + _rows(element(a.q), a.num_heads)
     g = h.view(a.num_kv_heads, a.group_size).sum(1) + _rows(element(a.k), a.num_kv_heads)
     g = g + _rows(element(a.v), a.num_kv_heads)
@@ -179,11 +195,17 @@ def compute(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor | 
     batches = calibration_batches(blocks, cfg.batch_size, device) if blocks is not None else []
     need_bi = bool(cfg.layers) and cfg.layer_importance == "block"
     width_data = bool(cfg.heads or cfg.channels) and cfg.importance == "activation"
-    expert_data = bool(cfg.experts) and cfg.expert_importance != "random"
-    cal = calibrate(model, structure, batches, need_bi) if need_bi or width_data or expert_data else None
-    grads = taylor_grads(model, structure, batches) if (cfg.heads or cfg.channels) and cfg.importance == "taylor" else None
+    expert_data = bool(cfg.experts) and (cfg.expert_importance != "random" or cfg.expert_merge == "merge")
+    outputs_needed = (bool(cfg.experts) and cfg.expert_importance == "reap") or (width_data and bool(cfg.channels))
+    cal = None
+    if need_bi or width_data or expert_data:
+        recon = bool(cfg.experts) and cfg.expert_importance == "reconstruction"
+        cal = calibrate(model, structure, batches, need_bi, expert_outputs=outputs_needed and bool(structure.sparse()),
+                        similarity=bool(cfg.experts) and cfg.expert_merge == "merge",
+                        moe_inputs=cfg.reconstruction_tokens if recon else 0)
+    taylor = bool(cfg.heads or cfg.channels) and cfg.importance == "taylor"
+    grads = taylor_grads(model, structure, batches) if taylor else None
     gen = torch.Generator().manual_seed(cfg.seed)
-
     outputs = {id(lin) for lin in _outputs(structure)}
 
     def element(lin):
@@ -191,16 +213,37 @@ def compute(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor | 
             return None  # activation importance reads the output side only
         return element_scores(lin, cfg.importance, cfg.norm, cal.sq if cal else None, grads, gen)
 
-    scores = Scores({}, {}, {}, {}, None)
+    scores = Scores({}, {}, {}, {}, None, {}, {}, cal.experts if cal else {})
     for layer in structure.layers:
-        if cfg.heads and layer.attn.q is not None:
+        if cfg.heads and (layer.attn.q is not None or layer.attn.mla is not None):
             scores.heads[layer.index], scores.kv[layer.index] = head_scores(layer.attn, element)
         if cfg.channels and layer.mlp is not None:
             scores.channels[layer.index] = channel_scores(layer.mlp, element)
-        if cfg.experts and layer.moe is not None:
-            stats = {"usage": cal.usage, "frequency": cal.frequency}.get(cfg.expert_importance) if cal else None
-            scores.experts[layer.index] = (stats[layer.index].float() if stats is not None
-                                           else torch.rand(layer.moe.num_experts, generator=gen))
+        if layer.moe is not None:
+            _moe_scores(model, structure, layer, cfg, cal, gen, element, scores)
     if cfg.layers:
         scores.layers = cal.block_influence.float() if need_bi else torch.rand(len(structure.layers), generator=gen)
     return scores
+
+
+def _moe_scores(model, structure: Structure, layer, cfg, cal, gen, element, scores: Scores) -> None:
+    moe, i = layer.moe, layer.index
+    if cfg.experts and cfg.expert_importance == "reconstruction":
+        groups, _, least = moe_experts.routing_groups(model.config)
+        if groups > 1 and getattr(moe.router, "e_score_correction_bias", None) is None:
+            raise FieldError("expert_importance", f"reconstruction with {model.config.model_type}'s group-limited "
+                             "routing is not supported (no correction bias to mask experts with): use reap")
+        block = layer.module.get_submodule(structure.family.mlp)
+        scores.experts[i] = moe_experts.removal_order(block, moe, torch.cat(cal.moe_inputs[i]), groups, least,
+                                                      moe.top_k)
+    elif cfg.experts:
+        scores.experts[i] = (cal.experts[i].importance(cfg.expert_importance) if cfg.expert_importance != "random"
+                             else torch.rand(moe.num_experts, generator=gen))
+    if cfg.channels:
+        if cfg.importance == "taylor":
+            raise FieldError("importance", "taylor importance of fused expert channels is not supported: use "
+                             "activation, magnitude or random when pruning channels of a mixture of experts")
+        stats = cal.experts[i] if cal else None
+        scores.expert_channels[i] = moe_experts.channel_scores(moe.experts, cfg.importance, stats, cfg.norm, gen)
+        if moe.shared is not None:
+            scores.shared_channels[i] = channel_scores(moe.shared, element)

@@ -2,6 +2,7 @@
 `make_plan` chooses from importance scores; `apply_plan` cuts the tensors and rewrites the config."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -11,6 +12,7 @@ from torch import nn
 from dsc.errors import FieldError
 from dsc.evaluation import param_counts
 from dsc.structure import Structure
+from dsc.prune import experts as moe_experts
 from dsc.prune.importance import Scores
 
 
@@ -19,9 +21,12 @@ class Plan:
     drop_layers: list[int]
     keep_heads: dict[int, list[int]]  # original layer index -> kept query heads (original numbering)
     keep_kv: dict[int, list[int]]  # -> kept KV heads
-    keep_channels: dict[int, list[int]]  # -> kept MLP channels
+    keep_channels: dict[int, list[int]]  # -> kept channels of the dense MLP or the shared expert(s)
     keep_experts: dict[int, list[int]]  # -> kept routed experts
     config: dict  # config fields after the cut
+    keep_expert_channels: dict[int, list[list[int]]] = field(default_factory=dict)  # -> per kept expert
+    merge_experts: dict[int, dict[int, int]] = field(default_factory=dict)  # -> removed expert: kept it merges into
+    merge_weights: dict[int, list[float]] = field(default_factory=dict)  # -> routing frequency of each expert
     params_before: int = 0
     params_after: int = 0
     params_non_embedding_before: int = 0
@@ -65,12 +70,14 @@ def make_plan(model: nn.Module, structure: Structure, scores: Scores, cfg) -> Pl
     plan.config = {"num_hidden_layers": len(kept)}
     if cfg.heads:
         _plan_heads(structure, scores, cfg, kept, plan)
+    if cfg.experts:  # before channels: expert channels are chosen for the kept experts
+        _plan_experts(model, structure, scores, cfg, kept, plan)
     if cfg.channels:
         _plan_channels(structure, scores, cfg, kept, plan)
-    if cfg.experts:
-        _plan_experts(structure, scores, cfg, kept, plan)
     if plan.drop_layers and getattr(model.config, "layer_types", None):
         plan.config["layer_types"] = [t for i, t in enumerate(model.config.layer_types) if i not in plan.drop_layers]
+    if plan.drop_layers and structure.family.name == "deepseek":  # dense layers come first
+        plan.config["first_k_dense_replace"] = sum(layer.mlp is not None for layer in kept)
     if plan.drop_layers and structure.family.name == "qwen-moe":
         # which layers are dense is given by index: restate it for the renumbered layers
         plan.config["mlp_only_layers"] = [new for new, layer in enumerate(kept) if layer.mlp is not None]
@@ -96,6 +103,9 @@ def _plan_heads(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> 
     if not family.fixed_head_dim or family.qkv:
         raise FieldError("heads", f"{family.name} derives its head size from hidden_size / num_attention_heads: "
                          "removing heads would change the hidden size. Prune channels or layers instead")
+    if family.head_norm:
+        raise FieldError("heads", f"{family.name} normalizes q and k over all heads at once (q_norm/k_norm): "
+                         "removing heads would change every other head. Prune experts, channels or layers instead")
     heads, kv_heads = structure.num_heads, structure.num_kv_heads
     gs = heads // kv_heads
     mode = "groups" if gs == 1 else cfg.head_mode  # one head per KV head: cutting heads is cutting groups
@@ -110,42 +120,110 @@ def _plan_heads(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> 
     for layer in kept:
         plan.keep_kv[layer.index], plan.keep_heads[layer.index] = _keep_heads(
             scores, layer.index, mode, kv_heads, gs, new_heads, new_kv)
-    plan.config.update(num_attention_heads=new_heads, num_key_value_heads=new_kv,
-                       head_dim=structure.layers[0].attn.head_dim)
+    plan.config.update(num_attention_heads=new_heads, num_key_value_heads=new_kv)
+    if not family.mla:  # MLA's config head_dim is the RoPE width, not a head's
+        plan.config["head_dim"] = structure.layers[0].attn.head_dim
+
+
+def _narrower(width: int, cfg, multiple: int | None = None) -> int:
+    multiple = multiple or cfg.channel_multiple
+    return max(multiple, int(width * (1 - cfg.channels)) // multiple * multiple)
+
+
+# transformers runs fused experts on torch._grouped_mm, whose operands need 16-byte strides: expert
+# widths stay multiples of 8 (fp32, bf16 and fp16 alike)
+EXPERT_MULTIPLE = 8
 
 
 def _plan_channels(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> None:
-    dense = [layer for layer in kept if layer.mlp is not None]
-    if not structure.dense():
-        raise FieldError("channels", "this model has no dense MLP layers (expert width pruning is not supported "
-                         "yet): prune experts, heads or layers")
-    width = structure.dense()[0].mlp.width
-    if cfg.channel_multiple > width:
-        raise FieldError("channel_multiple", f"{cfg.channel_multiple} exceeds the MLP width ({width})")
-    new_width = max(cfg.channel_multiple, int(width * (1 - cfg.channels)) // cfg.channel_multiple * cfg.channel_multiple)
+    """Dense MLPs, and in MoE layers every routed expert and the shared expert(s): the same fraction."""
+    widths = [layer.mlp.width for layer in structure.dense()]
+    widths += [layer.moe.width for layer in structure.sparse()]
+    if cfg.channel_multiple > min(widths):
+        raise FieldError("channel_multiple", f"{cfg.channel_multiple} exceeds the MLP width ({min(widths)}, the narrowest)")
+    if structure.dense():
+        width = structure.dense()[0].mlp.width
+        new_width = _narrower(width, cfg)
+        if new_width < width:
+            for layer in (layer for layer in kept if layer.mlp is not None):
+                plan.keep_channels[layer.index] = _top(scores.channels[layer.index], new_width)
+            plan.config["intermediate_size"] = new_width
+    if structure.sparse():
+        _plan_expert_channels(structure, scores, cfg, kept, plan)
+    if not (plan.keep_channels or plan.keep_expert_channels):
+        plan.notes.append(f"channels: {cfg.channels} of {min(widths)}–{max(widths)} rounds to no cut")
+
+
+def _plan_expert_channels(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> None:
+    family, first = structure.family, structure.sparse()[0].moe
+    width, multiple = first.width, math.lcm(cfg.channel_multiple, EXPERT_MULTIPLE)
+    new_width = _narrower(width, cfg, multiple)
     if new_width == width:
-        plan.notes.append(f"channels: {cfg.channels} of {width} rounds to no cut")
         return
-    for layer in dense:
-        plan.keep_channels[layer.index] = _top(scores.channels[layer.index], new_width)
-    plan.config["intermediate_size"] = new_width
+    shared_width = first.shared.width if first.shared is not None else 0
+    # DeepSeek derives the shared width from the routed one; Qwen2-MoE sets it apart
+    new_shared = _narrower(shared_width, cfg) if family.shared_width_key else shared_width * new_width // width
+    if multiple != cfg.channel_multiple:
+        plan.notes.append(f"channels: expert width {width} → {new_width}, a multiple of {multiple} "
+                          "(fused experts run on torch grouped_mm, which needs 16-byte strides)")
+    for layer in (layer for layer in kept if layer.moe is not None):
+        per_expert = scores.expert_channels[layer.index]
+        experts = plan.keep_experts.get(layer.index, range(layer.moe.num_experts))
+        plan.keep_expert_channels[layer.index] = [_top(per_expert[e], new_width) for e in experts]
+        if layer.moe.shared is not None and new_shared < shared_width:
+            plan.keep_channels[layer.index] = _top(scores.shared_channels[layer.index], new_shared)
+    plan.config[family.expert_width_key] = new_width
+    if family.shared_width_key and shared_width:
+        plan.config[family.shared_width_key] = new_shared
 
 
-def _plan_experts(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> None:
+def _plan_experts(model, structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> None:
     sparse = structure.sparse()
     if not sparse:
         raise FieldError("experts", "this model has no mixture-of-experts layers")
     n, top_k = sparse[0].moe.num_experts, sparse[0].moe.top_k
+    groups, topk_group, least = moe_experts.routing_groups(model.config)
     new_n = round(n * (1 - cfg.experts))
     if new_n < top_k and cfg.ratio:  # a global ratio only asks for as many as routing allows
         new_n = top_k
     if new_n < top_k:
         raise FieldError("experts", f"{cfg.experts} of {n} experts leaves {new_n}, fewer than the "
                          f"{top_k} each token is routed to (num_experts_per_tok): lower it")
+    new_groups, new_topk_group = _groups_after(n, new_n, groups, topk_group, least, top_k, plan)
+    new_n = new_n // groups * groups if new_groups == groups else new_n  # an equal cut from every group
     for layer in kept:
-        if layer.moe is not None:
-            plan.keep_experts[layer.index] = _top(scores.experts[layer.index], new_n)
+        if layer.moe is None:
+            continue
+        keep = _top_per_group(scores.experts[layer.index], new_n, groups if new_groups == groups else 1)
+        plan.keep_experts[layer.index] = keep
+        if cfg.expert_merge == "merge":
+            plan.merge_experts[layer.index] = moe_experts.merge_targets(scores.stats[layer.index], keep)
+            plan.merge_weights[layer.index] = scores.stats[layer.index].frequency.tolist()
     plan.config[structure.family.experts_key] = new_n
+    if groups > 1 and (new_groups, new_topk_group) != (groups, topk_group):
+        plan.config.update(n_group=new_groups, topk_group=new_topk_group)
+
+
+def _groups_after(n, new_n, groups, topk_group, least, top_k, plan: Plan) -> tuple[int, int]:
+    """Group-limited routing views the experts as n_group equal groups and (DeepSeek-V3) scores each
+    group by its two best experts: every group keeps the same count, at least 2 (V3) or 1 (V2), and
+    top_k must fit in topk_group groups. Where that cannot hold, the groups merge into one."""
+    if groups == 1:
+        return 1, 1
+    per_group = new_n // groups
+    if per_group >= least and top_k <= topk_group * per_group:
+        if new_n % groups:
+            plan.notes.append(f"experts: {new_n} rounded down to {per_group * groups}, a multiple of n_group {groups}")
+        return groups, topk_group
+    plan.notes.append(f"experts: {new_n} of {n} left cannot form {groups} routing groups (each needs ≥ {least} "
+                      f"and top-{top_k} must fit in topk_group {topk_group}): n_group and topk_group set to 1")
+    return 1, 1
+
+
+def _top_per_group(scores: torch.Tensor, k: int, groups: int) -> list[int]:
+    """The k best, the same number from each of `groups` equal consecutive groups."""
+    size = len(scores) // groups
+    return [g * size + i for g in range(groups) for i in _top(scores[g * size:(g + 1) * size], k // groups)]
 
 
 def _keep_heads(scores: Scores, i: int, mode: str, kv_heads: int, gs: int, new_heads: int, new_kv: int):
@@ -163,23 +241,36 @@ def _removed_params(structure: Structure, plan: Plan) -> int:
         if layer.index in plan.drop_layers:
             removed += sum(p.numel() for p in layer.module.parameters())
             continue
-        a, m = layer.attn, layer.mlp
-        if layer.index in plan.keep_experts:
+        i = layer.index
+        if i in plan.keep_heads:
+            removed += _removed_heads(layer.attn, plan, i)
+        if i in plan.keep_experts:
             e = layer.moe
-            gone = e.num_experts - len(plan.keep_experts[layer.index])
+            gone = e.num_experts - len(plan.keep_experts[i])
             per_expert = (e.experts.gate_up_proj.numel() + e.experts.down_proj.numel()) // e.num_experts
             removed += gone * (per_expert + e.router.weight.shape[1] + (getattr(e.router, "bias", None) is not None))
-        if layer.index in plan.keep_heads:
-            hd = a.head_dim
-            dq = (a.num_heads - len(plan.keep_heads[layer.index])) * hd
-            dkv = (a.num_kv_heads - len(plan.keep_kv[layer.index])) * hd
-            removed += dq * (a.q.in_features + (a.q.bias is not None)) + dq * a.o.out_features
-            removed += 2 * dkv * (a.k.in_features + (a.k.bias is not None))
-        if layer.index in plan.keep_channels:
-            dc = m.width - len(plan.keep_channels[layer.index])
+        if i in plan.keep_expert_channels:
+            kept = plan.keep_expert_channels[i]
+            hidden = layer.moe.experts.down_proj.shape[1]
+            removed += len(kept) * (layer.moe.width - len(kept[0])) * 3 * hidden
+        if i in plan.keep_channels:
+            m = layer.mlp or layer.moe.shared
+            dc = m.width - len(plan.keep_channels[i])
             rows = [m.up] + ([m.gate] if m.gate is not None else [])
             removed += sum(dc * (lin.in_features + (lin.bias is not None)) for lin in rows) + dc * m.down.out_features
     return removed
+
+
+def _removed_heads(a, plan: Plan, i: int) -> int:
+    gone = a.num_heads - len(plan.keep_heads[i])
+    if a.mla is not None:
+        mla = a.mla
+        return gone * ((mla.nope + mla.rope) * mla.q_b.in_features + (mla.nope + mla.v_dim) * mla.kv_b.in_features
+                       + mla.v_dim * a.o.out_features)
+    hd = a.head_dim
+    dq, dkv = gone * hd, (a.num_kv_heads - len(plan.keep_kv[i])) * hd
+    return dq * (a.q.in_features + (a.q.bias is not None)) + dq * a.o.out_features + \
+        2 * dkv * (a.k.in_features + (a.k.bias is not None))
 
 
 def _slice(lin: nn.Linear, index: list[int], dim: int) -> None:
@@ -201,21 +292,21 @@ def _rows(units: list[int], size: int) -> list[int]:
 def apply_plan(model: nn.Module, structure: Structure, plan: Plan) -> nn.Module:
     """Cut the tensors, drop layers, and make the config true (it reloads with from_pretrained)."""
     for layer in structure.layers:
-        a, m, i = layer.attn, layer.mlp, layer.index
-        if i in plan.keep_heads:  # separate q/k/v only (_plan_heads refuses fused layouts)
-            hd = a.head_dim
-            _slice(a.q, _rows(plan.keep_heads[i], hd), 0)
-            _slice(a.k, _rows(plan.keep_kv[i], hd), 0)
-            _slice(a.v, _rows(plan.keep_kv[i], hd), 0)
-            _slice(a.o, _rows(plan.keep_heads[i], hd), 1)
-            attn = layer.module.get_submodule(structure.family.attn)
-            attn.num_key_value_groups = len(plan.keep_heads[i]) // len(plan.keep_kv[i])
+        i = layer.index
+        if i in plan.keep_heads:
+            _cut_heads(layer, structure, plan)
         if i in plan.keep_channels:
+            m = layer.mlp or layer.moe.shared
             for lin in [m.up] + ([m.gate] if m.gate is not None else []):
                 _slice(lin, plan.keep_channels[i], 0)
             _slice(m.down, plan.keep_channels[i], 1)
         if i in plan.keep_experts:
-            _cut_experts(layer.moe, plan.keep_experts[i])
+            weight = torch.tensor(plan.merge_weights[i]) if i in plan.merge_weights else None
+            moe_experts.cut(layer.moe, plan.keep_experts[i], plan.merge_experts.get(i), weight)
+        if i in plan.keep_expert_channels:
+            moe_experts.cut_channels(layer.moe, plan.keep_expert_channels[i])
+        if layer.moe is not None and "n_group" in plan.config:
+            layer.moe.router.num_group, layer.moe.router.topk_group = plan.config["n_group"], plan.config["topk_group"]
     if plan.keep_experts and hasattr(model, "num_experts"):  # the causal-LM head's aux-loss bookkeeping
         model.num_experts = plan.config[structure.family.experts_key]
     if plan.drop_layers:
@@ -225,17 +316,22 @@ def apply_plan(model: nn.Module, structure: Structure, plan: Plan) -> nn.Module:
     return model
 
 
-def _cut_experts(moe, keep: list[int]) -> None:
-    """Keep routed experts `keep`: both fused expert tensors, the router rows (and bias)."""
-    idx = torch.as_tensor(keep, device=moe.router.weight.device)
-    for owner, name in ((moe.experts, "gate_up_proj"), (moe.experts, "down_proj"), (moe.router, "weight"),
-                        (moe.router, "bias")):
-        param = getattr(owner, name, None)
-        if isinstance(param, torch.Tensor):
-            setattr(owner, name, nn.Parameter(param.data.index_select(0, idx).clone(), requires_grad=param.requires_grad))
-    for owner in (moe.experts, moe.router):
-        if hasattr(owner, "num_experts"):
-            owner.num_experts = len(keep)
+def _cut_heads(layer, structure: Structure, plan: Plan) -> None:
+    a, i = layer.attn, layer.index
+    attn = layer.module.get_submodule(structure.family.attn)
+    if a.mla is not None:  # per head: q_b rows (nope + rope), kv_b rows (nope + v), o columns (v)
+        mla, keep = a.mla, plan.keep_heads[i]
+        _slice(mla.q_b, _rows(keep, mla.nope + mla.rope), 0)
+        _slice(mla.kv_b, _rows(keep, mla.nope + mla.v_dim), 0)
+        _slice(a.o, _rows(keep, mla.v_dim), 1)
+        attn.num_heads = len(keep)
+        return
+    hd = a.head_dim  # separate q/k/v only (_plan_heads refuses fused layouts)
+    _slice(a.q, _rows(plan.keep_heads[i], hd), 0)
+    _slice(a.k, _rows(plan.keep_kv[i], hd), 0)
+    _slice(a.v, _rows(plan.keep_kv[i], hd), 0)
+    _slice(a.o, _rows(plan.keep_heads[i], hd), 1)
+    attn.num_key_value_groups = len(plan.keep_heads[i]) // len(plan.keep_kv[i])
 
 
 def _drop_layers(model: nn.Module, structure: Structure, drop: list[int]) -> None:

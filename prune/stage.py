@@ -16,7 +16,7 @@ from dsc.prune.plan import Plan, apply_plan, make_plan
 
 def _needs_data(cfg: PruneConfig) -> bool:
     width = bool(cfg.heads or cfg.channels) and cfg.importance in ("activation", "taylor")
-    experts = bool(cfg.experts) and cfg.expert_importance != "random"
+    experts = bool(cfg.experts) and (cfg.expert_importance != "random" or cfg.expert_merge == "merge")
     return width or experts or (bool(cfg.layers) and cfg.layer_importance == "block")
 
 
@@ -37,7 +37,7 @@ def plan(model, cfg: PruneConfig, ctx) -> Plan:
 def cuttable(structure, cfg: PruneConfig) -> list[str]:
     """The kinds of a global ratio this model has: others are skipped with a note, not an error."""
     family = structure.family
-    has = {"heads": family.fixed_head_dim and not family.qkv, "channels": bool(structure.dense()),
+    has = {"heads": family.fixed_head_dim and not family.qkv and not family.head_norm, "channels": True,
            "layers": len(structure.layers) > 1, "experts": bool(structure.sparse())}
     kinds = [k for k in cfg.kinds if has[k]]
     if not kinds:

@@ -1,0 +1,214 @@
+"""Mixtures of experts (DeepSeek-V3 with MLA, Qwen2/3-MoE, Mixtral, OLMoE): every cut saves,
+reloads with from_pretrained and reproduces the in-memory logits; the config's routing
+constraints hold after every cut; a cut of nothing changes nothing; importance is what it says."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import MOE_FAMILIES, make_moe
+from dsc import Context, apply_stage
+from dsc.data.pipeline import TokenData
+from dsc.errors import FieldError
+from dsc.prune import PruneConfig, plan
+from dsc.prune import experts as moe_experts
+from dsc.structure import describe
+from test_prune import assert_reloads
+
+CUTS = {
+    "experts": dict(experts=0.5),
+    "experts merged": dict(experts=0.5, expert_merge="merge"),
+    "experts reconstruction": dict(experts=0.5, expert_importance="reconstruction"),
+    "channels": dict(channels=0.5),
+    "heads": dict(heads=0.5),
+    "all kinds": dict(experts=0.25, channels=0.25, heads=0.5, layers=0.25, layer_importance="random"),
+}
+
+
+@pytest.fixture
+def ctx(tokenizer):
+    ctx = Context.create(tokenizer, {}, device="cpu")
+    blocks = torch.randint(0, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
+    ctx.data.put(TokenData("calib", blocks.reshape(-1), 32, {}, ""))
+    return ctx
+
+
+def routing_is_valid(model) -> None:
+    """The saved config describes the tensors and group-limited routing can still pick top_k."""
+    c = model.config
+    s = describe(model)
+    family = s.family
+    n = getattr(c, family.experts_key)
+    for layer in s.sparse():
+        assert layer.moe.experts.gate_up_proj.shape[0] == layer.moe.router.weight.shape[0] == n
+        assert layer.moe.width == getattr(c, family.expert_width_key)
+        bias = getattr(layer.moe.router, "e_score_correction_bias", None)
+        assert bias is None or bias.shape == (n,)
+    if c.model_type == "deepseek_v3":
+        assert n % c.n_group == 0 and n // c.n_group >= 2 and c.num_experts_per_tok <= c.topk_group * n // c.n_group
+        assert all((layer.mlp is not None) == (layer.index < c.first_k_dense_replace) for layer in s.layers)
+        assert layer.moe.shared.width == c.moe_intermediate_size * c.n_shared_experts
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("cut", CUTS, ids=list(CUTS))
+def test_cut_saves_reloads_and_routes_validly(family, cut, tokenizer, ctx, tmp_path):
+    cfg = PruneConfig(split="all", **CUTS[cut])
+    model = make_moe(family, len(tokenizer))
+    if family == "olmoe" and cfg.heads:  # q_norm/k_norm span all heads
+        with pytest.raises(FieldError, match="q_norm"):
+            apply_stage("prune", model, cfg, ctx)
+        return
+    if cfg.expert_importance == "reconstruction" and family != "deepseek_v3" and family != "qwen3_moe":
+        pytest.skip("reconstruction: DeepSeek-V3 masks, Qwen3-MoE cuts copies; one of each is enough")
+    out = apply_stage("prune", model, cfg, ctx)
+    again = assert_reloads(out, len(tokenizer), tmp_path)
+    routing_is_valid(again)
+
+
+def test_deepseek_cut_is_even_per_group_and_merges_groups_when_needed(tokenizer, ctx, tmp_path):
+    half = plan(make_moe("deepseek_v3", len(tokenizer)), PruneConfig(experts=0.5, split="all"), ctx)
+    for keep in half.keep_experts.values():  # 8 experts in 2 groups of 4: two from each
+        assert sum(e < 4 for e in keep) == sum(e >= 4 for e in keep) == 2
+    assert "n_group" not in half.config
+    out = apply_stage("prune", make_moe("deepseek_v3", len(tokenizer)), PruneConfig(experts=0.75, split="all"), ctx)
+    assert (out.model.config.n_group, out.model.config.topk_group, out.model.config.n_routed_experts) == (1, 1, 2)
+    assert any("n_group and topk_group set to 1" in note for note in out.metrics["plan"]["notes"])
+    routing_is_valid(assert_reloads(out, len(tokenizer), tmp_path))
+
+
+@pytest.mark.parametrize("cut", [dict(experts=0.05), dict(heads=0.1)])
+def test_cutting_nothing_changes_nothing(cut, tokenizer, ctx):
+    model = make_moe("deepseek_v3", len(tokenizer))
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+        out = apply_stage("prune", model, PruneConfig(split="all", **cut), ctx)
+        torch.testing.assert_close(out.model(ids).logits, before, rtol=0, atol=0)
+
+
+def test_reap_is_the_router_weighted_output_norm(tokenizer, ctx):
+    """REAP recomputed here from the router's outputs and the experts' own weights."""
+    model = make_moe("deepseek_v3", len(tokenizer))
+    layer = describe(model).sparse()[0]
+    seen = []
+    hook = layer.moe.router.register_forward_hook(lambda mod, args, out: seen.append((args[0], out[1], out[2])))
+    blocks = ctx.data["calib"].blocks("all")
+    with torch.no_grad():
+        for k in range(0, len(blocks), 4):
+            model(blocks[k:k + 4])
+    hook.remove()
+    total, count = torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    experts = layer.moe.experts
+    with torch.no_grad():
+        for x, weights, index in seen:
+            x = x.reshape(-1, x.shape[-1])
+            for t in range(x.shape[0]):
+                for w, e in zip(weights[t].tolist(), index[t].tolist()):
+                    gate, up = (experts.gate_up_proj[e] @ x[t]).chunk(2)
+                    total[e] += w * (experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)).norm()
+                    count[e] += 1
+    p = plan(model, PruneConfig(experts=0.5, split="all", num_samples=8), ctx)
+    reap = (total / count.clamp(min=1)).float()
+    assert p.keep_experts[layer.index] == sorted(reap[:4].argsort(descending=True)[:2].tolist() +
+                                                  (4 + reap[4:].argsort(descending=True)[:2]).tolist())
+
+
+def test_masked_routing_is_the_cut_model(tokenizer):
+    """Reconstruction scores a removal by masking the expert out of routing: that must be exactly
+    the block a cut (with equal groups) builds."""
+    model = make_moe("deepseek_v3", len(tokenizer))
+    layer = describe(model).sparse()[0]
+    block = model.model.layers[layer.index].mlp
+    x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(0))
+    keep = [0, 2, 5, 7]
+    with torch.no_grad():
+        masked = moe_experts._error(block, layer.moe, keep, x, torch.zeros(1, 64, 32))
+        cut = copy.deepcopy(block)
+        moe_experts.cut(SimpleNamespace(router=cut.gate, experts=cut.experts), keep)
+        assert masked == pytest.approx(cut(x).float().pow(2).sum().item(), rel=1e-6)
+
+
+def test_merge_averages_by_routing_frequency(tokenizer, ctx):
+    model = make_moe("mixtral", len(tokenizer))
+    before = {i: layer.mlp.experts.gate_up_proj.detach().clone() for i, layer in enumerate(model.model.layers)}
+    p = plan(model, PruneConfig(experts=0.5, expert_merge="merge", split="all"), ctx)
+    out = apply_stage("prune", model, PruneConfig(experts=0.5, expert_merge="merge", split="all"), ctx)
+    for i, layer in enumerate(out.model.model.layers):
+        keep, into, freq = p.keep_experts[i], p.merge_experts[i], torch.tensor(p.merge_weights[i])
+        for slot, k in enumerate(keep):
+            group = [k] + [d for d, t in into.items() if t == k]
+            w = freq[group] / freq[group].sum()
+            expected = (w[:, None, None] * before[i][group]).sum(0)
+            torch.testing.assert_close(layer.mlp.experts.gate_up_proj[slot], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_reconstruction_needs_a_maskable_router_for_grouped_routing(tokenizer, ctx):
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(DeepseekV2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_group=2,
+        topk_group=1, num_experts_per_tok=2, topk_method="group_limited_greedy", first_k_dense_replace=1,
+        q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, head_dim=4))
+    with pytest.raises(FieldError, match="expert_importance"):
+        plan(model, PruneConfig(experts=0.5, expert_importance="reconstruction", split="all"), ctx)
+    out = apply_stage("prune", model, PruneConfig(experts=0.5, heads=0.5, split="all"), ctx)  # reap: fine
+    assert out.model.config.n_routed_experts == 2 and out.model.config.num_attention_heads == 2
+
+
+# ---- on trained weights: tiny-deepseek-v3 (MLA, 1 shared + 8 routed experts, 2 routing groups) --------
+
+def _ppl(model, ids):
+    with torch.no_grad():
+        return model(ids, labels=ids).loss.exp().item()
+
+
+@pytest.fixture(scope="module")
+def dsv3(tiny_dsv3_dir, dsv3_text):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dsv3_dir).eval()
+    ctx = Context.create(AutoTokenizer.from_pretrained(tiny_dsv3_dir), {}, device="cpu")
+    ctx.data.put(TokenData("calib", dsv3_text[0].reshape(-1), 128, {}, ""))
+    return model, ctx, dsv3_text[1]
+
+
+def _pruned_ppl(dsv3, **cut):
+    model, ctx, held_out = dsv3
+    return _ppl(apply_stage("prune", copy.deepcopy(model), PruneConfig(split="all", **cut), ctx).model, held_out)
+
+
+@pytest.mark.parametrize("importance", ["reap", "reconstruction"])
+def test_expert_importance_knows_which_experts_matter(dsv3, importance):
+    """Half the routed experts removed: keeping the experts an importance ranks highest beats
+    keeping those it ranks lowest, by a clear margin (measured: reap 4.90 vs 5.04, reconstruction
+    4.79 vs 5.18; float 4.34). On this model, trained to balanced loads, REAP, frequency and random
+    land within noise of each other: see docs/benchmarks.md."""
+    model, ctx, held_out = dsv3
+    best = _pruned_ppl(dsv3, experts=0.5, expert_importance=importance)
+    p = plan(model, PruneConfig(experts=0.5, expert_importance=importance, split="all"), ctx)
+    worst = copy.deepcopy(model)
+    inverse = {i: [e for e in range(8) if e not in keep] for i, keep in p.keep_experts.items()}
+    for layer in describe(worst).sparse():
+        moe_experts.cut(layer.moe, inverse[layer.index])
+    worst.config.n_routed_experts = 4
+    assert best < _ppl(worst, held_out) - 0.1
+
+
+def test_mla_heads_by_activation_beat_random(dsv3):
+    """A quarter of the MLA heads removed (measured: activation 4.68, random 5.08; float 4.34)."""
+    activation = _pruned_ppl(dsv3, heads=0.25)
+    assert activation < min(_pruned_ppl(dsv3, heads=0.25, importance="random", seed=s) for s in range(2))
+
+
+def test_expert_channels_by_activation_beat_magnitude_and_random(dsv3):
+    """A quarter of every expert's (and the dense layer's) channels (measured: activation 4.81,
+    random 5.27, magnitude 5.59)."""
+    activation = _pruned_ppl(dsv3, channels=0.25)
+    assert activation < _pruned_ppl(dsv3, channels=0.25, importance="magnitude")
+    assert activation < _pruned_ppl(dsv3, channels=0.25, importance="random")
