@@ -2,9 +2,9 @@
 stages use, and what `distill` and `lora` add."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from dsc.config import Config
 
@@ -36,7 +36,8 @@ class TrainConfig(Config):
     log_every: int = Field(10, gt=0, description="log loss, tokens/s and ETA every N steps")
     parallel: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="under torchrun / accelerate launch: ddp (replicas) or fsdp (sharded); auto: ddp")
-    seed: int | None = Field(None, ge=0, description="seed of data order and dropout (default: the recipe's)")
+    seed: int | None = Field(None, ge=0, description="seed of data order, dropout and of a built student's "
+                                                     "initial weights (default: the recipe's)")
 
     @model_validator(mode="after")
     def _budget(self):
@@ -79,8 +80,57 @@ class KDConfig(TrainConfig):
         return bool(self.kl or self.features)
 
 
+class StudentConfig(Config):
+    """`distill.student`: train this model instead of the incoming one (which passes through
+    untouched); it reads the teacher's tokens and becomes the stage's output.
+
+        student: {config: {model_type: llama, hidden_size: 64, num_hidden_layers: 4}}
+        student: {path: ../runs/pruned/model}
+    """
+
+    config: dict[str, Any] | None = Field(
+        None, description="a transformers config to build a fresh model from: model_type and that family's fields; "
+                          "vocab_size, bos/eos/pad token ids and max_position_embeddings default to the teacher's")
+    path: str | None = Field(None, description="a saved model directory to train (e.g. a pruned copy); relative "
+                                               "to the recipe's folder")
+    init: Literal["random", "teacher_embeddings"] = Field(
+        "random", description="weights of a `config` student: random (seeded by `seed`), or random with the "
+                              "teacher's token embeddings and LM head copied (needs the teacher's hidden_size)")
+
+    @field_validator("config")
+    @classmethod
+    def _known_family(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            from dsc.distill.student import check_config  # imports transformers: only when used
+
+            check_config(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.config is None) == (self.path is None):
+            raise ValueError("give exactly one of `config` (build a fresh model) or `path` (load a saved one)")
+        if self.path is not None and self.init != "random":
+            raise ValueError("init applies to a student built from `config`: a loaded student keeps its weights")
+        return self
+
+    def model_refs(self) -> dict[str, str]:
+        """Paths to check exist when the recipe is validated (field → path)."""
+        return {"path": self.path} if self.path is not None else {}
+
+
 class DistillConfig(KDConfig):
-    """`distill`: full-parameter knowledge distillation of the working model from the teacher."""
+    """`distill`: full-parameter knowledge distillation of the working model from the teacher, or of
+    a `student` built from a config or loaded from a folder."""
+
+    student: StudentConfig | None = Field(
+        None, description="train this model instead of the incoming one (config: {model_type: llama, ...} or "
+                          "path: DIR); it must predict over the teacher's vocabulary and is the stage's output")
+
+    def model_refs(self) -> dict[str, str]:
+        """Model paths in this config, checked when the recipe is validated (field → path)."""
+        refs = self.student.model_refs() if self.student is not None else {}
+        return {f"student.{k}": v for k, v in refs.items()}
 
 
 class LoraConfig(KDConfig):

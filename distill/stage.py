@@ -8,7 +8,7 @@ import torch
 
 from dsc.distill import lora as peft_adapter
 from dsc import parallel
-from dsc.distill import teacher_cache
+from dsc.distill import student as student_builder, teacher_cache
 from dsc.distill.batches import Batches
 from dsc.distill.config import DistillConfig, KDConfig, LoraConfig
 from dsc.distill.loop import Loop
@@ -64,8 +64,10 @@ def _objective(student, cfg: KDConfig, ctx, device):
                 for s, b in ((cfg.split, train_blocks), (cfg.eval_split, eval_blocks)) if b is not None}
         teacher = None
         ctx.release_teacher()  # the student trains alone
-    objective = Objective(student, cfg, teacher)
     seed = ctx.seed if cfg.seed is None else cfg.seed
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # the feature projections' initial weights
+        objective = Objective(student, cfg, teacher)
     train = Batches(train_blocks, cfg.batch_size, cfg.grad_accum, seed, rank, world, tops.get(cfg.split))
     held = None if eval_blocks is None else Batches(eval_blocks, cfg.batch_size, 1, seed, rank, world,
                                                     tops.get(cfg.eval_split))
@@ -91,6 +93,8 @@ def train_student(student, cfg: KDConfig, ctx) -> tuple[torch.nn.Module | None, 
         loop = Loop(model, cfg, train, held, device, ctx.log, state_dir=ctx.work_dir)
         metrics = loop.run()
     metrics["precision"] = "bf16" if loop.amp is not None else "fp32"
+    if len(objective.projections):
+        metrics["projection_params"] = sum(p.numel() for p in objective.projections.parameters())
     if cfg.gradient_checkpointing:
         _checkpointing(student, False)
     if parallel.active() and cfg.parallel == "fsdp":
@@ -128,11 +132,23 @@ def _unsharded(student):
 
 
 def apply(model, cfg: DistillConfig, ctx) -> StageOutput:
-    """Full-parameter distillation; the model keeps the dtype it came in (trained in float32)."""
+    """Full-parameter distillation; the model keeps the dtype it came in (trained in float32).
+    With `student`, that student trains instead (in float32) and is the output."""
+    if cfg.student is not None:
+        return _apply_student(cfg, ctx)
     dtype = next(model.parameters()).dtype
     model.float().requires_grad_(True)  # the model may arrive frozen (the teacher object itself)
     student, metrics = train_student(model, cfg, ctx)
     return StageOutput(None if student is None else student.to(dtype).eval(), metrics)
+
+
+def _apply_student(cfg: DistillConfig, ctx) -> StageOutput:
+    """The incoming model is left as it came; the student (checked against the teacher first)
+    trains and replaces it. Relative student paths resolve where the recipe's data paths do."""
+    seed = ctx.seed if cfg.seed is None else cfg.seed
+    student, info = student_builder.build(cfg.student, ctx.teacher(), seed, ctx.tokenizer, ctx.data.base_dir)
+    student, metrics = train_student(student.requires_grad_(True), cfg, ctx)
+    return StageOutput(None if student is None else student.eval(), {**metrics, "student": info})
 
 
 def apply_lora(model, cfg: LoraConfig, ctx) -> StageOutput:

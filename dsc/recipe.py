@@ -111,6 +111,9 @@ def validate(raw: Any, base_dir: Path = Path("."), default_output: str | None = 
     student = gather(problems, _model_ref, raw["student"], base_dir, "student") if "student" in raw else None
     data = gather(problems, _data, raw.get("data"), base_dir) or {}
     stages = gather(problems, _stages, raw.get("stages")) or ()
+    for spec in stages:  # model folders a stage names (distill.student.path) must exist now, not hours in
+        for name, path in getattr(spec.config, "model_refs", dict)().items():
+            gather(problems, resolve, ModelRef(path=path), base_dir, f"{spec.path}.{name}")
     output = gather(problems, _output, raw.get("output", default_output))
     if data and stages:
         gather(problems, _cross_stage, stages, data, _position_limit(teacher, base_dir))

@@ -11,7 +11,10 @@ the output error of a weight change Δ (out, in) over every calibration token is
 ‖X Δᵀ‖² = Σ (Δ G) ⊙ Δ, with no second pass over the data. Linears that read the very same
 tensor (q/k/v after the attention norm, gate/up after the MLP norm) share one statistics
 object, and the module that produced it (a norm, i.e. a module with a 1-D weight) is recorded:
-that is where a per-channel scale can be folded.
+that is where a per-channel scale can be folded. A reshaped view of a norm's output counts as
+that output (MLA's kv_b reads kv_a_layernorm's output viewed as one head; MoE blocks flatten
+their input). Modules that are not linears (a MoE block) can be watched the same way, and fused
+routed experts keep per-expert statistics (dsc.quantize.experts).
 """
 from __future__ import annotations
 
@@ -99,10 +102,16 @@ class InputStats:
         return self.abs_sum / max(self.count, 1)
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`a` is `b` or a reshaped view of all of it."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype)
+
+
 @dataclass
 class _Observer:
     stats: list[InputStats] = field(default_factory=list)
     by_linear: dict[str, InputStats] = field(default_factory=dict)
+    watched: dict[str, InputStats] = field(default_factory=dict)
     produced: dict[str, torch.Tensor] = field(default_factory=dict)  # norm outputs of the first batch
     last: tuple[torch.Tensor | None, InputStats | None] = (None, None)
     first_batch: bool = True
@@ -114,6 +123,12 @@ class _Observer:
                 self.produced[name] = hidden(out)
         return hook
 
+    def _new(self, name: str, x: torch.Tensor, gram: bool) -> InputStats:
+        producer = next((n for n, out in self.produced.items() if _same(x, out)), None)
+        width = x.shape[-1]
+        return InputStats([name], producer, x.new_zeros(width, width, dtype=torch.float32) if gram else None,
+                          x.new_zeros(width, dtype=torch.float32), x.new_zeros(width, dtype=torch.float32))
+
     def linear_hook(self, name):
         def hook(_module, args):
             x = args[0]
@@ -123,17 +138,20 @@ class _Observer:
                     last_stats.linears.append(name)
                     self.by_linear[name] = last_stats
                 else:
-                    producer = next((n for n, out in self.produced.items() if out is x), None)
-                    width = x.shape[-1]
-                    gram = x.new_zeros(width, width, dtype=torch.float32) if self.gram else None
-                    st = InputStats([name], producer, gram,
-                                    x.new_zeros(width, dtype=torch.float32), x.new_zeros(width, dtype=torch.float32))
-                    self.stats.append(st)
-                    self.by_linear[name] = st
+                    self.by_linear[name] = self._new(name, x, self.gram)
+                    self.stats.append(self.by_linear[name])
             st = self.by_linear[name]
             if x is not last_x or st is not last_stats:
                 st.add(x)
             self.last = (x, st)
+        return hook
+
+    def watch_hook(self, name):
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            if name not in self.watched:
+                self.watched[name] = self._new(name, x, False)
+            self.watched[name].add(x)
         return hook
 
 
@@ -142,19 +160,24 @@ class Observed:
     stats: list[InputStats]  # one per distinct linear input, in call order
     outputs: Inputs  # the float layer's outputs, as the next layer's calls
     calls: dict[str, Inputs]  # parent module of linears → its calls in the first `keep_calls` batches
+    watched: dict[str, InputStats] = field(default_factory=dict)  # watched module → its input (no Gram)
 
 
 @torch.no_grad()
 def observe(layer: nn.Module, inputs: Inputs, linears: dict[str, nn.Linear], keep_calls: int = 0,
-            gram: bool = True) -> Observed:
+            gram: bool = True, watch: tuple[str, ...] = (), experts: dict | None = None) -> Observed:
     """Input statistics of `linears` (name inside `layer` → module) over every batch, grouped by
     shared input; the layer's (float) outputs; and, for the first `keep_calls` batches, the
-    arguments each module holding linears (attention, MLP) was called with, so a search can
-    replay it."""
+    arguments each module holding linears (attention, MLP) or watched was called with, so a search
+    can replay it. `watch`: modules whose input is recorded too; `experts`: fused experts module
+    name → its dsc.quantize.experts.ExpertStats, filled from the tokens routed to each expert."""
     obs = _Observer(gram=gram)
     handles = [m.register_forward_hook(obs.norm_hook(n)) for n, m in layer.named_modules()
                if _is_norm(m)]
     handles += [lin.register_forward_pre_hook(obs.linear_hook(n)) for n, lin in linears.items()]
+    handles += [layer.get_submodule(n).register_forward_pre_hook(obs.watch_hook(n), with_kwargs=True) for n in watch]
+    handles += [layer.get_submodule(n).register_forward_pre_hook(st.hook, with_kwargs=True)
+                for n, st in (experts or {}).items()]
     calls: dict[str, Inputs] = {}
 
     def keep(name):
@@ -164,7 +187,7 @@ def observe(layer: nn.Module, inputs: Inputs, linears: dict[str, nn.Linear], kee
         return hook
 
     if keep_calls:
-        parents = {n.rpartition(".")[0] for n in linears} - {""}
+        parents = ({n.rpartition(".")[0] for n in linears} | set(watch)) - {""}
         handles += [layer.get_submodule(p).register_forward_pre_hook(keep(p), with_kwargs=True) for p in parents]
     outputs = []
     try:
@@ -175,7 +198,7 @@ def observe(layer: nn.Module, inputs: Inputs, linears: dict[str, nn.Linear], kee
     finally:
         for h in handles:
             h.remove()
-    return Observed(obs.stats, outputs, calls)
+    return Observed(obs.stats, outputs, calls, obs.watched)
 
 
 def _is_norm(module: nn.Module) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from dsc.errors import FieldError
 
@@ -72,3 +73,22 @@ class Grid:
 
     def rtn(self, w: torch.Tensor) -> torch.Tensor:
         return self.fake(w, *self.params(w))
+
+
+@dataclass
+class Quantized:
+    """What one weight became: its grid and per-(row, group) scale and zero point (out, G)."""
+
+    grid: Grid
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+@torch.no_grad()
+def to_grid(weight: nn.Parameter | torch.Tensor, grid: Grid, clip: torch.Tensor | float = 1.0) -> Quantized:
+    """Put `weight` (out, in) on the grid in place (range shrunk by `clip`); the scale is rounded to
+    the weight's dtype first, as it will be stored, so the stored model computes exactly this."""
+    scale, zero = grid.params(weight, clip)
+    scale = scale.to(weight.dtype).clamp(min=torch.finfo(weight.dtype).tiny).float()
+    weight.copy_(grid.fake(weight, scale, zero).to(weight.dtype))
+    return Quantized(grid, scale, zero)

@@ -17,18 +17,9 @@ import torch
 from torch import nn
 
 from dsc.quantize.calibrate import InputStats, hidden, observe
-from dsc.quantize.grid import Grid
+from dsc.quantize.grid import Grid, Quantized, to_grid  # noqa: F401  (Quantized: progress files name it here)
 from dsc.quantize.search import awq_scale, clip_ratios, gram_loss, smooth_scale
 from dsc.structure import Layer
-
-
-@dataclass
-class Quantized:
-    """What one linear became: its grid and per-(row, group) scale and zero point (out, G)."""
-
-    grid: Grid
-    scale: torch.Tensor
-    zero: torch.Tensor
 
 
 @dataclass
@@ -182,13 +173,3 @@ def quantize_layer(layer: Layer, inputs, targets: set[str], plan: Plan) -> tuple
                 ratio = clip_ratios(w, group.stats.gram_mean, plan.grid, plan.n_grid)
             done[name] = to_grid(w, plan.grid, ratio)
     return done, searches, outputs
-
-
-@torch.no_grad()
-def to_grid(weight: nn.Parameter, grid: Grid, clip: torch.Tensor | float = 1.0) -> Quantized:
-    """Put `weight` on the grid in place (range shrunk by `clip`); the scale is rounded to the
-    weight's dtype first, as it will be stored, so the stored model computes exactly this."""
-    scale, zero = grid.params(weight, clip)
-    scale = scale.to(weight.dtype).clamp(min=torch.finfo(weight.dtype).tiny).float()
-    weight.copy_(grid.fake(weight, scale, zero).to(weight.dtype))
-    return Quantized(grid, scale, zero)

@@ -62,16 +62,21 @@ def clip_ratios(w: torch.Tensor, gram: torch.Tensor, grid: Grid, n_grid: int = 2
                 max_shrink: float = 0.5) -> torch.Tensor:
     """Per (row, group) shrink ratio (out, G) of the quantization range that minimizes that
     group's own output error Δ_g G_gg Δ_gᵀ (cross-group terms are left out, as AWQ does)."""
+    gs = grid.group(w.shape[1])
+    blocks = torch.stack([gram[i:i + gs, i:i + gs] for i in range(0, w.shape[1], gs)])  # (G, gs, gs)
+    return clip_blocks(w, blocks, grid, n_grid, max_shrink)
+
+
+def clip_blocks(w: torch.Tensor, blocks: torch.Tensor, grid: Grid, n_grid: int = 20,
+                max_shrink: float = 0.5) -> torch.Tensor:
+    """clip_ratios from the diagonal blocks (G, gs, gs) of the Gram matrix alone."""
     w = w.float()
-    out, width = w.shape
-    gs = grid.group(width)
-    n = width // gs
-    blocks = torch.stack([gram[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(n)])  # (G, gs, gs)
+    out, n = w.shape[0], blocks.shape[0]
     best_loss = torch.full((out, n), float("inf"), device=w.device)
     best = torch.ones(out, n, device=w.device)
     for i in range(int(max_shrink * n_grid)):
         ratio = 1 - i / n_grid
-        delta = (w - grid.fake(w, *grid.params(w, ratio))).reshape(out, n, gs)
+        delta = (w - grid.fake(w, *grid.params(w, ratio))).reshape(out, n, -1)
         loss = torch.einsum("ogi,gij,ogj->og", delta, blocks, delta)
         better = loss < best_loss
         best_loss = torch.where(better, loss, best_loss)
