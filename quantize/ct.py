@@ -6,21 +6,42 @@ checkpoint: float weights that lie on the grid, with `quantization_scheme`, `wei
 re-quantized each forward; W8A8's dynamic per-token activation quantization does run). Saving
 packs the integer codes (`weight_packed` int32 for 4-bit, int8 `weight` for W8A8), writes
 `quantization_config` into config.json exactly as llm-compressor does, and restores the model.
+
+Fused MoE experts (transformers 5 keeps each layer's routed experts as two 3-D tensors, which are
+no nn.Linear and which compressed-tensors does not quantize) are marked with a
+dsc.quantize.experts.QuantizedExperts record instead. They are saved the way llm-compressor saves
+MoE models and transformers 5.23 loads them: one pack-quantized linear per expert and projection
+under the checkpoint's own per-expert names (`mlp.experts.3.gate_proj.weight_packed`,
+`weight_scale`, `weight_shape`; Mixtral: `block_sparse_moe.experts.3.w1…`), found by running the
+model's conversion mapping backwards; on load transformers' CompressedTensorsDequantize unpacks
+them and fuses them again, so the reloaded experts are floats on the very same grid. What that
+loader reads decides the rest:
+- it reads only `weight_packed` for experts: experts stay weight-only pack-quantized even when the
+  linears are W8A8 (int-quantized), under a second config group that targets them;
+- it passes no zero point to the unpacking: experts on an asymmetric grid, and experts left in
+  float (`ignore`), are saved as the fused float tensors (an extra safetensors shard), which load
+  as they are. Asymmetric experts are then no smaller on disk than float ones (stage metrics say so).
+A per-expert float `weight` in a compressed-tensors checkpoint does not load in transformers 5.23
+(its dequantize step returns nothing for it), which is why float experts are never split.
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dsc.quantize.layerwise import Quantized
+from dsc.quantize.experts import ATTR, QuantizedExperts, is_fused
+from dsc.quantize.grid import Grid, Quantized
+
+EXPERTS_TARGET = "re:.*\\.experts\\.\\d+\\..*"  # the per-expert linears of the checkpoint (no module in memory)
 
 
-def _args(q: Quantized):
+def _args(grid: Grid):
     from compressed_tensors.quantization import QuantizationArgs
 
-    grid = q.grid
     return QuantizationArgs(num_bits=grid.bits, type="int", symmetric=grid.symmetric,
                             strategy="channel" if grid.group_size is None else "group", group_size=grid.group_size)
 
@@ -31,16 +52,21 @@ def _token_int8():
     return QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
 
 
-def attach(model: nn.Module, done: dict[str, Quantized], activations: bool, fmt: str) -> None:
+def attach(model: nn.Module, done: dict[str, Quantized | QuantizedExperts], activations: bool, fmt: str) -> None:
     """Mark the linears in `done` (full module name → its grid and parameters) as quantized,
-    in place. `activations`: quantize their inputs to int8 per token at run time (W8A8)."""
+    in place, and record the fused experts' grids on them. `activations`: quantize the linears'
+    inputs to int8 per token at run time (W8A8)."""
     from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, QuantizationStatus,
                                                  apply_quantization_config)
 
+    for name, q in done.items():
+        if isinstance(q, QuantizedExperts):
+            setattr(model.get_submodule(name), ATTR, q)
+    done = {n: q for n, q in done.items() if isinstance(q, Quantized)}
     first = next(iter(done.values()))
     if fmt == "auto":  # asymmetric packed zero points do not load in transformers (llm-compressor #1618)
         fmt = "int-quantized" if activations or not first.grid.symmetric else "pack-quantized"
-    scheme = QuantizationScheme(targets=["Linear"], weights=_args(first),
+    scheme = QuantizationScheme(targets=["Linear"], weights=_args(first.grid),
                                 input_activations=_token_int8() if activations else None, format=fmt)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in done]
     config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, quantization_status="frozen")
@@ -57,10 +83,49 @@ def is_quantized(model: nn.Module) -> bool:
     return any(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
 
 
+def _experts(model: nn.Module) -> dict[str, tuple[nn.Module, QuantizedExperts | None]]:
+    return {n: (m, getattr(m, ATTR, None)) for n, m in model.named_modules() if is_fused(m)}
+
+
+def _split(model: nn.Module, key: str, t: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """`t` (E, rows, ·), laid out as the fused parameter `key`, cut into the checkpoint's per-expert
+    linears (their names without `.weight` → their rows) by transformers' conversion mapping run
+    backwards (what save_pretrained does to float experts); None where the family's checkpoints keep
+    experts fused. Only rows and experts move, so scales and packed codes split like weights."""
+    from transformers.core_model_loading import revert_weight_conversion  # transformers internals: only here
+
+    out = revert_weight_conversion(model, {key: t})
+    if key in out or not all(k.endswith(".weight") for k in out):
+        return None
+    return {k.removesuffix(".weight"): v for k, v in out.items()}
+
+
+def packed(model: nn.Module, name: str, q: QuantizedExperts) -> bool:
+    """Whether the experts module `name` is saved compressed (see the module docstring)."""
+    probe = torch.zeros(q.gate_up.scale.shape[0], 2, 1)
+    return q.grid.symmetric and _split(model, f"{name}.gate_up_proj", probe) is not None
+
+
 def stored_bits(model: nn.Module) -> dict[str, int]:
-    """Bits per stored weight of each quantized linear's weight (state-dict name → bits)."""
-    return {f"{name}.weight": m.quantization_scheme.weights.num_bits for name, m in model.named_modules()
+    """Bits per stored weight of each quantized linear's weight and of each fused expert tensor
+    saved packed (state-dict name → bits)."""
+    bits = {f"{name}.weight": m.quantization_scheme.weights.num_bits for name, m in model.named_modules()
             if getattr(m, "quantization_scheme", None) is not None and m.quantization_scheme.weights is not None}
+    for name, (_, q) in _experts(model).items():
+        if q is not None and packed(model, name, q):
+            bits.update({f"{name}.gate_up_proj": q.grid.bits, f"{name}.down_proj": q.grid.bits})
+    return bits
+
+
+def experts_qparam_bytes(model: nn.Module) -> int:
+    """Bytes of the fused experts' saved scales (`weight_scale`, in the weights' dtype, and the
+    `weight_shape` pair per expert linear): storage that is not in the state dict in memory."""
+    total = 0
+    for name, (module, q) in _experts(model).items():
+        if q is not None and packed(model, name, q):
+            size = module.gate_up_proj.element_size()
+            total += (q.gate_up.scale.numel() + q.down.scale.numel()) * size + 3 * 2 * 8 * q.gate_up.scale.shape[0]
+    return total
 
 
 def qparam_names(model: nn.Module) -> set[str]:
@@ -69,16 +134,97 @@ def qparam_names(model: nn.Module) -> set[str]:
             for p, _ in m.named_parameters(recurse=False) if p != "weight" and p != "bias"}
 
 
+def _weights(args) -> str:
+    return (f"int{args.num_bits} {args.strategy}" + (f" g{args.group_size}" if args.group_size else "")
+            + ("" if args.symmetric else " asym"))
+
+
 def describe(model: nn.Module) -> dict | None:
     """The scheme of a quantized model as plain data (for reports), or None."""
+    found = None
     for m in model.modules():
         scheme = getattr(m, "quantization_scheme", None)
         if scheme is not None:
-            w, a = scheme.weights, scheme.input_activations
-            return {"weights": f"int{w.num_bits} {w.strategy}" + (f" g{w.group_size}" if w.group_size else "")
-                    + ("" if w.symmetric else " asym"), "activations": f"int{a.num_bits} {a.strategy}" if a else None,
-                    "format": scheme.format}
-    return None
+            a = scheme.input_activations
+            found = {"weights": _weights(scheme.weights), "activations": f"int{a.num_bits} {a.strategy}" if a else None,
+                     "format": scheme.format}
+            break
+    experts = [(n, q) for n, (_, q) in _experts(model).items() if q is not None]
+    if found is not None and experts:
+        name, q = experts[0]
+        stored = ("pack-quantized, one linear per expert" if packed(model, name, q) else
+                  "floats on the grid, fused (no smaller on disk: transformers cannot load per-expert zero points)")
+        found["experts"] = {"weights": _weights(_args(q.grid)), "activations": None, "saved_as": stored}
+    return found
+
+
+def _compressed(w: torch.Tensor, q: Quantized) -> dict[str, torch.Tensor]:
+    """Packed codes (E, rows, ⌈in·bits/32⌉) int32 and scales (E, rows, G) of a fused weight on its grid."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    flat = w.detach().reshape(-1, w.shape[-1]).cpu()
+    scale = q.scale.reshape(flat.shape[0], -1).cpu()
+    codes = q.grid.codes(flat, scale, q.zero.reshape(scale.shape).cpu()).reshape(w.shape)
+    return {"weight_packed": pack_to_int32(codes, q.grid.bits), "weight_scale": q.scale.to(w.dtype).cpu()}
+
+
+def _expert_tensors(model: nn.Module, state: dict) -> tuple[dict, dict, list]:
+    """Pop the fused expert tensors from `state`; return the per-expert compressed tensors under
+    the checkpoint's names, the fused tensors that stay float, and the grids saved packed."""
+    compressed, floats, grids = {}, {}, []
+    for name, (_, q) in _experts(model).items():
+        keep = q is not None and packed(model, name, q)
+        for param, part in (("gate_up_proj", q and q.gate_up), ("down_proj", q and q.down)):
+            key = f"{name}.{param}"
+            w = state.pop(key)
+            if not keep:
+                floats[key] = w.detach().contiguous().cpu()
+                continue
+            for suffix, t in _compressed(w, part).items():
+                for base, v in _split(model, key, t).items():
+                    compressed[f"{base}.{suffix}"] = v.contiguous()
+                    if suffix == "weight_scale":
+                        compressed[f"{base}.weight_shape"] = torch.tensor([v.shape[0], w.shape[2]])
+        grids += [q.grid] if keep else []
+    return compressed, floats, grids
+
+
+def _experts_group(dest: Path, q_args) -> None:
+    """Give the packed experts a config group of their own when the linears' group would not load
+    them (transformers reads experts only as weight-only pack-quantized)."""
+    path = Path(dest) / "config.json"
+    config = json.loads(path.read_text())
+    qc = config["quantization_config"]
+    first = qc["config_groups"]["group_0"]
+    same = {k: first["weights"].get(k) for k in ("num_bits", "strategy", "group_size", "symmetric")} == \
+        {k: getattr(q_args, k) for k in ("num_bits", "strategy", "group_size", "symmetric")}
+    if (first.get("format") or qc.get("format")) == "pack-quantized" and not first.get("input_activations") and same:
+        return
+    qc["config_groups"]["group_1"] = {"targets": [EXPERTS_TARGET], "weights": q_args.model_dump(mode="json"),
+                                      "input_activations": None, "output_activations": None,
+                                      "format": "pack-quantized"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _add_shard(dest: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` as one more safetensors shard of the checkpoint in `dest`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dest, index = Path(dest), Path(dest) / "model.safetensors.index.json"
+    if index.is_file():
+        data, name = json.loads(index.read_text()), "model-fused-experts.safetensors"
+    else:  # one file: it becomes the first of two shards
+        first = "model-00001-of-00002.safetensors"
+        os.replace(dest / "model.safetensors", dest / first)
+        with safe_open(dest / first, "pt") as f:
+            data = {"metadata": {"total_size": (dest / first).stat().st_size}, "weight_map": dict.fromkeys(f.keys(), first)}
+        name = "model-00002-of-00002.safetensors"
+    save_file(tensors, dest / name, metadata={"format": "pt"})
+    data["weight_map"].update(dict.fromkeys(tensors, name))
+    data.setdefault("metadata", {})["total_size"] = data["metadata"].get("total_size", 0) + \
+        sum(t.numel() * t.element_size() for t in tensors.values())
+    index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()
@@ -89,7 +235,17 @@ def save_pretrained(model: nn.Module, dest: Path) -> None:
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     try:
-        model.save_pretrained(dest)
+        if not _experts(model):
+            model.save_pretrained(dest)
+            compressor.update_config(str(dest))
+            return
+        state = model.state_dict()
+        compressed, floats, grids = _expert_tensors(model, state)
+        model.save_pretrained(dest, state_dict={**state, **compressed})
         compressor.update_config(str(dest))
+        if grids:
+            _experts_group(dest, _args(grids[0]))
+        if floats:
+            _add_shard(dest, floats)
     finally:
         compressor.decompress_model(model)

@@ -3,7 +3,9 @@
     dsc.quantize.apply_awq(model, AWQConfig(group_size=64), ctx)      # or apply_rtn / apply_int8
 
 Calibrated stages run one decoder layer at a time (dsc.quantize.calibrate): peak memory is the
-model plus one layer's inputs for the calibration set.
+model plus one layer's inputs for the calibration set. Fused MoE experts count as linears (one
+per expert and projection; dsc.quantize.experts); W8A8 keeps them weight-only (their activations
+are not quantized: the fused experts' forward has no place to do it).
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from dsc.quantize import ct
 from dsc.quantize.calibrate import capture, forward, placed
 from dsc.quantize.config import AWQConfig, GridConfig, Int8Config, RTNConfig, TargetsConfig
 from dsc.quantize.grid import Grid
-from dsc.quantize.layerwise import Plan, Quantized, quantize_layer, to_grid
+from dsc.quantize.experts import QuantizedExperts, is_fused, quantize_experts
+from dsc.quantize.grid import to_grid
+from dsc.quantize.layerwise import Plan, quantize_layer
 from dsc.quantize.progress import Progress
 from dsc.stages import StageOutput
 from dsc.structure import describe
@@ -30,9 +34,10 @@ def matches(pattern: str, name: str, module: nn.Module) -> bool:
     return type(module).__name__ == pattern or name == pattern or name.endswith("." + pattern)
 
 
-def select(model: nn.Module, cfg: TargetsConfig) -> list[str]:
-    """Full names of the linears `targets` name and `ignore` does not; patterns matching nothing,
-    and fused MoE experts left unhandled, are errors rather than silently skipped weights."""
+def select(model: nn.Module, cfg: TargetsConfig) -> tuple[list[str], list[str]]:
+    """Full names of the linears, and of the fused MoE experts modules, that `targets` name and
+    `ignore` does not (the "Linear" target takes fused experts too: each is a stack of linears);
+    patterns matching nothing are errors rather than silently skipped weights."""
     modules = dict(model.named_modules())
     for key in ("targets", "ignore"):
         for pattern in getattr(cfg, key):
@@ -42,21 +47,22 @@ def select(model: nn.Module, cfg: TargetsConfig) -> list[str]:
     ignored = {n for n, m in modules.items() if any(matches(p, n, m) for p in cfg.ignore)}
     chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in ignored
               and any(matches(p, n, m) for p in cfg.targets)]
-    for layer in describe(model).sparse():
-        experts = f"{layer.moe.path}.experts"
-        if experts not in ignored:
-            raise FieldError("ignore", f"{experts} stores its routed experts as fused 3-D tensors, which this "
-                                       "stage does not quantize yet; add 're:.*mlp\\.experts' to ignore to quantize "
-                                       "the rest and keep the experts in float")
+    experts = [n for n, m in modules.items() if is_fused(m) and n not in ignored
+               and any(p == "Linear" or matches(p, n, m) for p in cfg.targets)]
     if not chosen:
-        raise FieldError("targets", f"no linear left to quantize: targets {cfg.targets} minus ignore {cfg.ignore}")
-    return chosen
+        raise FieldError("targets", f"no linear left to quantize: targets {cfg.targets} minus ignore {cfg.ignore}"
+                                    + (" (fused experts alone cannot make a compressed-tensors checkpoint: keep at "
+                                       "least one linear)" if experts else ""))
+    return chosen, experts
 
 
-def _grid(cfg: GridConfig, model: nn.Module, names: list[str]) -> Grid:
+def _grid(cfg: GridConfig, model: nn.Module, names: list[str], experts: list[str] = ()) -> Grid:
     grid = Grid(cfg.bits, cfg.group_size, cfg.symmetric)
     for name in names:  # every width is checked before any work is done
         grid.group(model.get_submodule(name).in_features, name)
+    for name in experts:
+        for param in ("gate_up_proj", "down_proj"):
+            grid.group(getattr(model.get_submodule(name), param).shape[2], f"{name}.{param}")
     return grid
 
 
@@ -68,8 +74,9 @@ def _untied(model: nn.Module, names: list[str]) -> None:
                                        "(tie_word_embeddings): keep it in ignore")
 
 
-def _rtn(model: nn.Module, names: list[str], grid: Grid) -> dict[str, Quantized]:
-    return {name: to_grid(model.get_submodule(name).weight, grid) for name in names}
+def _rtn(model: nn.Module, names: list[str], grid: Grid, experts: list[str] = ()) -> dict:
+    done = {name: to_grid(model.get_submodule(name).weight, grid) for name in names}
+    return {**done, **{name: quantize_experts(model.get_submodule(name), grid) for name in experts}}
 
 
 def _outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device):
@@ -80,7 +87,7 @@ def _outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.devic
             t.data = t.data.to(device)
 
 
-def _layerwise(model, cfg, ctx, names: list[str], plan: Plan) -> tuple[dict[str, Quantized], list]:
+def _layerwise(model, cfg, ctx, names: list[str], plan: Plan) -> tuple[dict, list]:
     structure = describe(model)
     layers = model.get_submodule(structure.family.layers)
     device = torch.device(cfg.calibration_device) if cfg.calibration_device else ctx.device
@@ -121,28 +128,39 @@ def _capture(model, layers, cfg, ctx, device):
         _outside_layers(model, layers, home)
 
 
-def _finish(model, done: dict[str, Quantized], cfg: TargetsConfig, activations: bool, extra: dict) -> StageOutput:
+def _finish(model, done: dict, cfg: TargetsConfig, activations: bool, extra: dict) -> StageOutput:
     ct.attach(model, done, activations, cfg.format)
-    return StageOutput(model, {"quantized_linears": len(done), "scheme": ct.describe(model), **extra})
+    experts = {n: q for n, q in done.items() if isinstance(q, QuantizedExperts)}
+    metrics = {"quantized_linears": len(done) - len(experts), "scheme": ct.describe(model)}
+    if experts:
+        metrics["quantized_experts"] = sum(q.gate_up.scale.shape[0] for q in experts.values())
+    return StageOutput(model, {**metrics, **extra})
+
+
+def _fallback(done: dict) -> dict:
+    """Experts no calibration token reached (rounded to nearest), as `model.layers.2.mlp.experts[5]`."""
+    names = [f"{n}[{e}]" for n, q in done.items() if isinstance(q, QuantizedExperts) for e in q.no_tokens]
+    return {"experts_rtn_fallback": names} if any(isinstance(q, QuantizedExperts) for q in done.values()) else {}
 
 
 def apply_rtn(model, cfg: RTNConfig, ctx) -> StageOutput:
-    names = select(model, cfg)
+    names, experts = select(model, cfg)
     _untied(model, names)
-    return _finish(model, _rtn(model, names, _grid(cfg, model, names)), cfg, False, {})
+    return _finish(model, _rtn(model, names, _grid(cfg, model, names, experts), experts), cfg, False, {})
 
 
 def apply_awq(model, cfg: AWQConfig, ctx) -> StageOutput:
-    names = select(model, cfg)
+    names, experts = select(model, cfg)
     _untied(model, names)
-    plan = Plan(_grid(cfg, model, names), "awq", n_grid=cfg.n_grid, duo=cfg.duo_scaling, clip=cfg.clip,
+    plan = Plan(_grid(cfg, model, names, experts), "awq", n_grid=cfg.n_grid, duo=cfg.duo_scaling, clip=cfg.clip,
                 module_loss=cfg.loss == "module", loss_batches=max(1, -(-cfg.loss_samples // cfg.batch_size)))
     t0 = time.perf_counter()
-    done, searches = _layerwise(model, cfg, ctx, names, plan)
+    done, searches = _layerwise(model, cfg, ctx, names + experts, plan)
     gains = [s["loss"] / s["loss_rtn"] for s in searches if s["loss_rtn"] > 0]
     return _finish(model, done, cfg, False, {
         "seconds": round(time.perf_counter() - t0, 2), "scaled_groups": sum(s["ratio"] is not None for s in searches),
-        "searched_groups": len(searches), "mean_loss_vs_rtn": round(sum(gains) / max(len(gains), 1), 4)})
+        "searched_groups": len(searches), "mean_loss_vs_rtn": round(sum(gains) / max(len(gains), 1), 4),
+        **_fallback(done)})
 
 
 def apply_int8(model, cfg: Int8Config, ctx) -> StageOutput:
@@ -150,11 +168,11 @@ def apply_int8(model, cfg: Int8Config, ctx) -> StageOutput:
         from dsc.quantize.bnb import int8_model
 
         return StageOutput(int8_model(model, cfg, ctx), {"backend": "bitsandbytes LLM.int8"})
-    names = select(model, cfg)
+    names, experts = select(model, cfg)
     _untied(model, names)
     grid = Grid(8, None, True)
     if cfg.needs_data:
-        done, _ = _layerwise(model, cfg, ctx, names, Plan(grid, "smooth", alpha=cfg.smoothing))
+        done, _ = _layerwise(model, cfg, ctx, names + experts, Plan(grid, "smooth", alpha=cfg.smoothing))
     else:
-        done = _rtn(model, names, grid)
+        done = _rtn(model, names, grid, experts)
     return _finish(model, done, cfg, cfg.mode == "w8a8", {"smoothing": cfg.smoothing if cfg.needs_data else None})
