@@ -37,6 +37,9 @@ class PruneConfig(Config):
                             "greedy, the expert whose removal changes the MoE block's output least goes first "
                             "(O(E²) block passes per layer on `reconstruction_tokens`); usage: routing weight "
                             "received; frequency: top-k count; random")
+    sequential: bool = Field(True, description="score each MoE layer's experts with the earlier layers' cuts "
+                                               "already made (one forward up to each MoE layer); false: one pass "
+                                               "over the unpruned model. A global `ratio` always scores in one pass")
     reconstruction_tokens: int = Field(2048, gt=0, description="calibration tokens per MoE layer the "
                                                                 "reconstruction importance measures on")
     expert_merge: Literal["drop", "merge"] = Field(

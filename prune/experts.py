@@ -219,11 +219,12 @@ def _error(block, moe, keep: list[int], x, reference) -> float:
             return (block(x).float() - reference).pow(2).sum().item()
         finally:
             bias.copy_(saved)
-    return (_cut_copy(block, moe, keep)(x).float() - reference).pow(2).sum().item()
+    return (cut_copy(block, moe, keep)(x).float() - reference).pow(2).sum().item()
 
 
-def _cut_copy(block: nn.Module, moe, keep: list[int]) -> nn.Module:
-    """A copy of the MoE block with only `keep` experts, sharing nothing it changes with `block`."""
+def cut_copy(block: nn.Module, moe, keep: list[int], groups: tuple[int | None, int | None] = (None, None)) -> nn.Module:
+    """A copy of the MoE block with only `keep` experts (and, where given, the routing groups
+    (n_group, topk_group) after the cut), sharing nothing it changes with `block`."""
     def shallow(module):
         new = copy.copy(module)
         new._parameters, new._buffers, new._modules = dict(module._parameters), dict(module._buffers), \
@@ -235,4 +236,6 @@ def _cut_copy(block: nn.Module, moe, keep: list[int]) -> nn.Module:
     experts, router = shallow(moe.experts), shallow(moe.router)
     new._modules[names[id(moe.experts)]], new._modules[names[id(moe.router)]] = experts, router
     cut(SimpleNamespace(experts=experts, router=router), keep)
+    if groups[0] is not None:
+        _set_groups(router, *groups)
     return new

@@ -75,9 +75,17 @@ class Calibration:
     moe_inputs: dict[int, list[torch.Tensor]]  # layer -> input tokens of the MoE block (reconstruction)
 
 
+class _Enough(Exception):
+    """Raised by a hook to end a calibration forward once the layers of interest have run."""
+
+
+def _stop(*_):
+    raise _Enough
+
+
 @torch.inference_mode()
 def calibrate(model: nn.Module, structure: Structure, batches, block_influence: bool, expert_outputs: bool = False,
-              similarity: bool = False, moe_inputs: int = 0) -> Calibration:
+              similarity: bool = False, moe_inputs: int = 0, stop_after: nn.Module | None = None) -> Calibration:
     """One calibration pass: ‖X_col‖² of every output projection's input, routing statistics (and,
     with `expert_outputs` / `similarity`, REAP norms, expert channel activations, expert
     similarities) and, optionally, block influence."""
@@ -114,9 +122,14 @@ def calibrate(model: nn.Module, structure: Structure, batches, block_influence: 
             hooks.append(block.register_forward_pre_hook(moe_experts.capture(inputs[layer.index], moe_inputs)))
     # Only the hooks' statistics matter: skip the (B, T, vocab) logits where the model allows it.
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    if stop_after is not None:  # the layers after it need not run
+        hooks.append(stop_after.register_forward_hook(_stop))
     try:
         for ids in batches:
-            model(input_ids=ids, use_cache=False, **keep)
+            try:
+                model(input_ids=ids, use_cache=False, **keep)
+            except _Enough:
+                pass
             count += ids.numel()
     finally:
         for h in hooks:
@@ -219,31 +232,61 @@ def compute(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor | 
             scores.heads[layer.index], scores.kv[layer.index] = head_scores(layer.attn, element)
         if cfg.channels and layer.mlp is not None:
             scores.channels[layer.index] = channel_scores(layer.mlp, element)
-        if layer.moe is not None:
-            _moe_scores(model, structure, layer, cfg, cal, gen, element, scores)
+        if layer.moe is not None and cfg.experts:
+            scores.experts[layer.index] = _expert_scores(model, structure, layer, cfg, cal, gen)
+        if layer.moe is not None and cfg.channels:
+            _channel_scores_moe(layer, cfg, cal, gen, element, scores)
     if cfg.layers:
         scores.layers = cal.block_influence.float() if need_bi else torch.rand(len(structure.layers), generator=gen)
     return scores
 
 
-def _moe_scores(model, structure: Structure, layer, cfg, cal, gen, element, scores: Scores) -> None:
+def _expert_scores(model, structure: Structure, layer, cfg, cal, gen) -> torch.Tensor:
+    moe = layer.moe
+    if cfg.expert_importance == "random":
+        return torch.rand(moe.num_experts, generator=gen)
+    if cfg.expert_importance != "reconstruction":
+        return cal.experts[layer.index].importance(cfg.expert_importance)
+    groups, _, least = moe_experts.routing_groups(model.config)
+    if groups > 1 and getattr(moe.router, "e_score_correction_bias", None) is None:
+        raise FieldError("expert_importance", f"reconstruction with {model.config.model_type}'s group-limited "
+                         "routing is not supported (no correction bias to mask experts with): use reap")
+    block = layer.module.get_submodule(structure.family.mlp)
+    return moe_experts.removal_order(block, moe, torch.cat(cal.moe_inputs[layer.index]), groups, least, moe.top_k)
+
+
+def sequential_expert_scores(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor, budget) -> dict:
+    """Expert scores layer by layer, each MoE layer calibrated with the earlier ones already cut
+    (llm-compressor's sequential pipeline does the same): the later layers are scored on the inputs
+    the pruned model gives them. The cuts are copies swapped in and swapped back out: the model is
+    unchanged on return. Costs one forward up to each MoE layer."""
+    device = next(model.parameters()).device
+    batches = calibration_batches(blocks, cfg.batch_size, device)
+    name = structure.family.mlp
+    out, swapped = {}, []
+    try:
+        for layer in structure.sparse():
+            only = Structure(structure.family, (layer,))
+            cal = calibrate(model, only, batches, False, expert_outputs=cfg.expert_importance == "reap",
+                            moe_inputs=cfg.reconstruction_tokens if cfg.expert_importance == "reconstruction" else 0,
+                            stop_after=layer.module)
+            out[layer.index] = _expert_scores(model, structure, layer, cfg, cal, None)
+            block = layer.module.get_submodule(name)
+            cut = moe_experts.cut_copy(block, layer.moe, budget.choose(out[layer.index]),
+                                       (budget.config.get("n_group"), budget.config.get("topk_group")))
+            swapped.append((layer.module, block))
+            setattr(layer.module, name, cut)
+    finally:
+        for parent, block in swapped:
+            setattr(parent, name, block)
+    return out
+
+def _channel_scores_moe(layer, cfg, cal, gen, element, scores: Scores) -> None:
     moe, i = layer.moe, layer.index
-    if cfg.experts and cfg.expert_importance == "reconstruction":
-        groups, _, least = moe_experts.routing_groups(model.config)
-        if groups > 1 and getattr(moe.router, "e_score_correction_bias", None) is None:
-            raise FieldError("expert_importance", f"reconstruction with {model.config.model_type}'s group-limited "
-                             "routing is not supported (no correction bias to mask experts with): use reap")
-        block = layer.module.get_submodule(structure.family.mlp)
-        scores.experts[i] = moe_experts.removal_order(block, moe, torch.cat(cal.moe_inputs[i]), groups, least,
-                                                      moe.top_k)
-    elif cfg.experts:
-        scores.experts[i] = (cal.experts[i].importance(cfg.expert_importance) if cfg.expert_importance != "random"
-                             else torch.rand(moe.num_experts, generator=gen))
-    if cfg.channels:
-        if cfg.importance == "taylor":
-            raise FieldError("importance", "taylor importance of fused expert channels is not supported: use "
-                             "activation, magnitude or random when pruning channels of a mixture of experts")
-        stats = cal.experts[i] if cal else None
-        scores.expert_channels[i] = moe_experts.channel_scores(moe.experts, cfg.importance, stats, cfg.norm, gen)
-        if moe.shared is not None:
-            scores.shared_channels[i] = channel_scores(moe.shared, element)
+    if cfg.importance == "taylor":
+        raise FieldError("importance", "taylor importance of fused expert channels is not supported: use "
+                         "activation, magnitude or random when pruning channels of a mixture of experts")
+    stats = cal.experts[i] if cal else None
+    scores.expert_channels[i] = moe_experts.channel_scores(moe.experts, cfg.importance, stats, cfg.norm, gen)
+    if moe.shared is not None:
+        scores.shared_channels[i] = channel_scores(moe.shared, element)

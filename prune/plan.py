@@ -177,7 +177,19 @@ def _plan_expert_channels(structure: Structure, scores: Scores, cfg, kept, plan:
         plan.config[family.shared_width_key] = new_shared
 
 
-def _plan_experts(model, structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> None:
+@dataclass
+class ExpertBudget:
+    """How many routed experts every MoE layer keeps, and the routing groups after the cut."""
+    keep: int
+    groups: int  # routing groups the experts are chosen from (1: chosen over all)
+    config: dict  # config fields the cut changes
+    notes: list[str]
+
+    def choose(self, scores: torch.Tensor) -> list[int]:
+        return _top_per_group(scores, self.keep, self.groups)
+
+
+def expert_budget(model, structure: Structure, cfg) -> ExpertBudget:
     sparse = structure.sparse()
     if not sparse:
         raise FieldError("experts", "this model has no mixture-of-experts layers")
@@ -189,22 +201,30 @@ def _plan_experts(model, structure: Structure, scores: Scores, cfg, kept, plan: 
     if new_n < top_k:
         raise FieldError("experts", f"{cfg.experts} of {n} experts leaves {new_n}, fewer than the "
                          f"{top_k} each token is routed to (num_experts_per_tok): lower it")
-    new_groups, new_topk_group = _groups_after(n, new_n, groups, topk_group, least, top_k, plan)
+    notes = []
+    new_groups, new_topk_group = _groups_after(n, new_n, groups, topk_group, least, top_k, notes)
     new_n = new_n // groups * groups if new_groups == groups else new_n  # an equal cut from every group
+    config = {structure.family.experts_key: new_n}
+    if groups > 1 and (new_groups, new_topk_group) != (groups, topk_group):
+        config.update(n_group=new_groups, topk_group=new_topk_group)
+    return ExpertBudget(new_n, new_groups, config, notes)
+
+
+def _plan_experts(model, structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> None:
+    budget = expert_budget(model, structure, cfg)
     for layer in kept:
         if layer.moe is None:
             continue
-        keep = _top_per_group(scores.experts[layer.index], new_n, groups if new_groups == groups else 1)
+        keep = budget.choose(scores.experts[layer.index])
         plan.keep_experts[layer.index] = keep
         if cfg.expert_merge == "merge":
             plan.merge_experts[layer.index] = moe_experts.merge_targets(scores.stats[layer.index], keep)
             plan.merge_weights[layer.index] = scores.stats[layer.index].frequency.tolist()
-    plan.config[structure.family.experts_key] = new_n
-    if groups > 1 and (new_groups, new_topk_group) != (groups, topk_group):
-        plan.config.update(n_group=new_groups, topk_group=new_topk_group)
+    plan.config.update(budget.config)
+    plan.notes.extend(budget.notes)
 
 
-def _groups_after(n, new_n, groups, topk_group, least, top_k, plan: Plan) -> tuple[int, int]:
+def _groups_after(n, new_n, groups, topk_group, least, top_k, notes: list[str]) -> tuple[int, int]:
     """Group-limited routing views the experts as n_group equal groups and (DeepSeek-V3) scores each
     group by its two best experts: every group keeps the same count, at least 2 (V3) or 1 (V2), and
     top_k must fit in topk_group groups. Where that cannot hold, the groups merge into one."""
@@ -213,9 +233,9 @@ def _groups_after(n, new_n, groups, topk_group, least, top_k, plan: Plan) -> tup
     per_group = new_n // groups
     if per_group >= least and top_k <= topk_group * per_group:
         if new_n % groups:
-            plan.notes.append(f"experts: {new_n} rounded down to {per_group * groups}, a multiple of n_group {groups}")
+            notes.append(f"experts: {new_n} rounded down to {per_group * groups}, a multiple of n_group {groups}")
         return groups, topk_group
-    plan.notes.append(f"experts: {new_n} of {n} left cannot form {groups} routing groups (each needs ≥ {least} "
+    notes.append(f"experts: {new_n} of {n} left cannot form {groups} routing groups (each needs ≥ {least} "
                       f"and top-{top_k} must fit in topk_group {topk_group}): n_group and topk_group set to 1")
     return 1, 1
 

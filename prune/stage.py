@@ -10,8 +10,8 @@ from dsc.fingerprint import write_json
 from dsc.stages import StageOutput
 from dsc.structure import describe
 from dsc.prune.config import PruneConfig
-from dsc.prune.importance import compute
-from dsc.prune.plan import Plan, apply_plan, make_plan
+from dsc.prune.importance import compute, sequential_expert_scores
+from dsc.prune.plan import Plan, apply_plan, expert_budget, make_plan
 
 
 def _needs_data(cfg: PruneConfig) -> bool:
@@ -29,6 +29,8 @@ def plan(model, cfg: PruneConfig, ctx) -> Plan:
     if _needs_data(scoring):
         blocks = ctx.data[cfg.data or ctx.data.default()].blocks(cfg.split)[: cfg.num_samples]
     scores = compute(model, structure, scoring, blocks)
+    if cfg.experts and cfg.sequential and cfg.expert_importance != "random" and not cfg.ratio:
+        scores.experts = sequential_expert_scores(model, structure, cfg, blocks, expert_budget(model, structure, cfg))
     if not cfg.ratio:
         return make_plan(model, structure, scores, cfg)
     return _global(model, structure, scores, cfg, kinds)

@@ -183,12 +183,39 @@ def _pruned_ppl(dsv3, **cut):
     return _ppl(apply_stage("prune", copy.deepcopy(model), PruneConfig(split="all", **cut), ctx).model, held_out)
 
 
+@pytest.fixture(scope="module")
+def held_out_128(dsv3_text):
+    """128 × 128 held-out tokens (seeds 2–5): expert choices differ by a few % in perplexity here."""
+    from conftest import sample_stories
+
+    return torch.cat([dsv3_text[1]] + [sample_stories(32, 128, seed) for seed in (3, 4, 5)])
+
+
+def _pooled_ppl(model, ids):
+    with torch.no_grad():
+        return torch.tensor([model(ids[i:i + 32], labels=ids[i:i + 32]).loss for i in range(0, len(ids), 32)]).mean().exp().item()
+
+
+def test_reap_beats_frequency_and_random_with_half_the_experts(dsv3, held_out_128):
+    """Half the routed experts removed, layer by layer (sequential: each MoE layer scored with the
+    earlier cuts made). Measured on 128 held-out samples: reap 5.077, frequency 5.117, random
+    5.171 (mean of 3 seeds); float 4.567. Loads on this model are balanced (max/mean ≈ 1.1), so the
+    margins are small: in one pass over the unpruned model REAP does not beat frequency here."""
+    model, ctx, _ = dsv3
+
+    def ppl(**cut):
+        pruned = apply_stage("prune", copy.deepcopy(model), PruneConfig(experts=0.5, split="all", **cut), ctx).model
+        return _pooled_ppl(pruned, held_out_128)
+
+    reap = ppl(expert_importance="reap")
+    assert reap < ppl(expert_importance="frequency")
+    assert reap < sum(ppl(expert_importance="random", seed=s) for s in range(3)) / 3
+
+
 @pytest.mark.parametrize("importance", ["reap", "reconstruction"])
 def test_expert_importance_knows_which_experts_matter(dsv3, importance):
     """Half the routed experts removed: keeping the experts an importance ranks highest beats
-    keeping those it ranks lowest, by a clear margin (measured: reap 4.90 vs 5.04, reconstruction
-    4.79 vs 5.18; float 4.34). On this model, trained to balanced loads, REAP, frequency and random
-    land within noise of each other: see docs/benchmarks.md."""
+    keeping those it ranks lowest, by a clear margin."""
     model, ctx, held_out = dsv3
     best = _pruned_ppl(dsv3, experts=0.5, expert_importance=importance)
     p = plan(model, PruneConfig(experts=0.5, expert_importance=importance, split="all"), ctx)
@@ -198,6 +225,16 @@ def test_expert_importance_knows_which_experts_matter(dsv3, importance):
         moe_experts.cut(layer.moe, inverse[layer.index])
     worst.config.n_routed_experts = 4
     assert best < _ppl(worst, held_out) - 0.1
+
+
+def test_sequential_scoring_leaves_the_model_as_it_was(dsv3):
+    model, ctx, _ = dsv3
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = [layer.mlp for layer in model.model.layers]
+    plan(model, PruneConfig(experts=0.75, expert_importance="reconstruction", split="all"), ctx)
+    assert [layer.mlp for layer in model.model.layers] == blocks
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(layer.mlp.gate.num_group == 2 for layer in model.model.layers[1:])
 
 
 def test_mla_heads_by_activation_beat_random(dsv3):
