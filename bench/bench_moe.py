@@ -5,10 +5,13 @@ in 2 routing groups, top-2) with 25 / 50 / 75 % of the routed experts removed by
 importance (reap, reconstruction, frequency, usage, random over 3 seeds; reap / reconstruction also
 with `expert_merge: merge`), llm-compressor 0.14's REAPPruningModifier at the same sparsity
 (`--peers llmcompressor`: a subprocess in /work/venvs/llmc, bench/peers/llmcompressor_reap.py),
-then MLA heads and expert channels at 25 / 50 %. Every dsc row is saved and reloaded with
-from_pretrained and measured from the reloaded model; the float model is re-measured in the run.
+then MLA heads and expert channels at 25 / 50 %, then the "distilled V3": a dense Llama student
+(hidden 64, 4 layers, random init, seed 0) trained from the MoE teacher with KL + feature KD and,
+for comparison, the same student on the LM loss alone, for the same tokens (text sampled from the
+teacher). Every dsc row is saved and reloaded with from_pretrained and measured from the reloaded
+model; the float model is re-measured in the run.
 
-    python bench/bench_moe.py --peers llmcompressor      # ≈ 2 min on 2 CPU cores
+    python bench/bench_moe.py --peers llmcompressor      # ≈ 5 min on 2 CPU cores
 
 Protocol (printed with the table): text sampled from stories260K (temperature 1, from BOS) —
 calibration 32 × 128 tokens (seed 1), evaluation 128 × 128 tokens (seeds 2–5; the model was trained
@@ -116,6 +119,27 @@ def rows(args, base, ctx, held, calib_path, held_path):
                 yield None, dsc_row(base, ctx, held, f"dsc {imp}", **{kind: frac}, importance=imp)
 
 
+STUDENT = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+           "num_key_value_heads": 4, "intermediate_size": 172}
+
+
+def distill_rows(base, tok, held, steps: int):
+    """The dense student from the MoE teacher: KD (KL + features) against LM loss, same tokens."""
+    from dsc.data.sources import TeacherSource
+    from dsc.distill import DistillConfig
+
+    src = TeacherSource(num_sequences=256, length=127, block_size=128, splits={"train": 1.0}, batch_size=64)
+    ctx = Context.create(tok, {"generated": src}, teacher=base, seed=0)
+    common = dict(student={"config": STUDENT}, steps=steps, batch_size=8, lr=5e-3, eval_split="none")
+    yield f"dense Llama student (hidden 64, 4 layers), {steps} steps × 8 × 128 tokens", None
+    for label, loss in (("dsc KD: KL + features", dict(kl=1.0, features=1.0)), ("LM loss only", dict(kl=0.0, ce=1.0))):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            out = apply_stage("distill", None, DistillConfig(**common, **loss), ctx)
+            seconds = time.perf_counter() - t0
+            yield None, {"method": label, "seconds": seconds, "reloads": True, **measure(out.model, held, Path(tmp))}
+
+
 def fmt(row: dict, float_ppl: float) -> str:
     if "error" in row:
         return f"| {row['method']} | failed: {row['error']} | | | | | |"
@@ -130,6 +154,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", default="", help="comma-separated: llmcompressor")
     ap.add_argument("--fractions", default="0.25,0.5,0.75")
+    ap.add_argument("--distill-steps", type=int, default=600, help="0: skip the dense-student rows")
     args = ap.parse_args()
     args.peers = [p for p in args.peers.split(",") if p]
     args.fractions = [float(f) for f in args.fractions.split(",")]
@@ -145,13 +170,16 @@ def main() -> None:
     ctx.data.put(TokenData("calib", calib.reshape(-1), calib.shape[1], {}, ""))
     print(__doc__.split("Protocol")[1].strip().split("\n\n")[0].replace("(printed with the table): ", "Protocol: "))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU threads\n")
-    print("| method | ppl | Δ | params M | disk MB | decode tok/s | prune s | reloads |")
+    print("| method | ppl | Δ | params M | disk MB | decode tok/s | prune / train s | reloads |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         float_row = {"method": "float (tiny-deepseek-v3)", **measure(base, held, Path(tmp))}
     print(fmt(float_row, float_row["ppl"]), flush=True)
     for title, row in rows(args, base, ctx, held, calib_path, held_path):
         print(f"| **{title}** | | | | | | | |" if title else fmt(row, float_row["ppl"]), flush=True)
+    if args.distill_steps:
+        for title, row in distill_rows(base, ctx.tokenizer, held, args.distill_steps):
+            print(f"| **{title}** | | | | | | | |" if title else fmt(row, float_row["ppl"]), flush=True)
 
 
 if __name__ == "__main__":
