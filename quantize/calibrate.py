@@ -113,7 +113,8 @@ class _Observer:
     by_linear: dict[str, InputStats] = field(default_factory=dict)
     watched: dict[str, InputStats] = field(default_factory=dict)
     produced: dict[str, torch.Tensor] = field(default_factory=dict)  # norm outputs of the first batch
-    last: tuple[torch.Tensor | None, InputStats | None] = (None, None)
+    inputs: list[tuple[torch.Tensor, InputStats]] = field(default_factory=list)  # first batch: input → stats
+    added: list[tuple[torch.Tensor, InputStats]] = field(default_factory=list)  # this batch's, counted once
     first_batch: bool = True
     gram: bool = True
 
@@ -132,18 +133,19 @@ class _Observer:
     def linear_hook(self, name):
         def hook(_module, args):
             x = args[0]
-            last_x, last_stats = self.last
             if self.first_batch and name not in self.by_linear:
-                if x is last_x:  # read the same tensor as the linear before: same group
-                    last_stats.linears.append(name)
-                    self.by_linear[name] = last_stats
+                st = next((st for t, st in self.inputs if _same(x, t)), None)
+                if st is not None:  # reads what a linear before it read (q/k/v; MLA's q_a and kv_a): one group
+                    st.linears.append(name)
                 else:
-                    self.by_linear[name] = self._new(name, x, self.gram)
-                    self.stats.append(self.by_linear[name])
+                    st = self._new(name, x, self.gram)
+                    self.stats.append(st)
+                    self.inputs.append((x, st))
+                self.by_linear[name] = st
             st = self.by_linear[name]
-            if x is not last_x or st is not last_stats:
+            if not any(t is x and s is st for t, s in self.added):
                 st.add(x)
-            self.last = (x, st)
+                self.added.append((x, st))
         return hook
 
     def watch_hook(self, name):
@@ -192,9 +194,8 @@ def observe(layer: nn.Module, inputs: Inputs, linears: dict[str, nn.Linear], kee
     outputs = []
     try:
         for args, kwargs in inputs:
-            obs.last = (None, None)
             outputs.append(_next(args, kwargs, hidden(layer(*args, **kwargs))))
-            obs.first_batch, obs.produced = False, {}
+            obs.first_batch, obs.produced, obs.inputs, obs.added = False, {}, [], []
     finally:
         for h in handles:
             h.remove()

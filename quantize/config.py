@@ -11,9 +11,11 @@ from dsc.config import Config
 class TargetsConfig(Config):
     """Which linears a stage quantizes. A pattern is a class name ("Linear"), a module name or
     its last components ("mlp.down_proj"), or a regex over the full name ("re:.*\\.o_proj");
-    one that matches nothing is an error."""
+    one that matches nothing is an error. MoE models' fused routed experts ("mlp.experts") count as
+    linears: "Linear" takes them, and an `ignore` such as "re:.*mlp\\.experts" keeps them in float."""
 
-    targets: list[str] = Field(default_factory=lambda: ["Linear"], description="modules to quantize")
+    targets: list[str] = Field(default_factory=lambda: ["Linear"], description="modules to quantize (fused MoE "
+                                                                               "experts count as linears)")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left in float "
                                                                                "(the LM head by default)")
     format: Literal["auto", "pack-quantized", "int-quantized"] = Field(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -87,6 +88,20 @@ def _experts(model: nn.Module) -> dict[str, tuple[nn.Module, QuantizedExperts | 
     return {n: (m, getattr(m, ATTR, None)) for n, m in model.named_modules() if is_fused(m)}
 
 
+@contextmanager
+def _as_built(model: nn.Module):
+    """Run as if `model` had been built in memory, not loaded by transformers 5.23, which on a
+    model it loaded from a compressed-tensors checkpoint (1) keeps expert converters extended with
+    the quantizer's dequantize step, which fail run backwards ("Undefined Operation encountered!"),
+    and (2) ignores the state_dict given to save_pretrained (it asks the quantizer, which returns
+    none). Without them transformers falls back to the family's plain mapping and the given state."""
+    loaded = {k: model.__dict__.pop(k) for k in ("_weight_conversions", "hf_quantizer") if k in model.__dict__}
+    try:
+        yield
+    finally:
+        model.__dict__.update(loaded)
+
+
 def _split(model: nn.Module, key: str, t: torch.Tensor) -> dict[str, torch.Tensor] | None:
     """`t` (E, rows, ·), laid out as the fused parameter `key`, cut into the checkpoint's per-expert
     linears (their names without `.weight` → their rows) by transformers' conversion mapping run
@@ -94,7 +109,8 @@ def _split(model: nn.Module, key: str, t: torch.Tensor) -> dict[str, torch.Tenso
     experts fused. Only rows and experts move, so scales and packed codes split like weights."""
     from transformers.core_model_loading import revert_weight_conversion  # transformers internals: only here
 
-    out = revert_weight_conversion(model, {key: t})
+    with _as_built(model):
+        out = revert_weight_conversion(model, {key: t})
     if key in out or not all(k.endswith(".weight") for k in out):
         return None
     return {k.removesuffix(".weight"): v for k, v in out.items()}
@@ -218,7 +234,8 @@ def _add_shard(dest: Path, tensors: dict[str, torch.Tensor]) -> None:
         first = "model-00001-of-00002.safetensors"
         os.replace(dest / "model.safetensors", dest / first)
         with safe_open(dest / first, "pt") as f:
-            data = {"metadata": {"total_size": (dest / first).stat().st_size}, "weight_map": dict.fromkeys(f.keys(), first)}
+            data = {"metadata": {"total_size": (dest / first).stat().st_size},  # an upper bound: header included
+                    "weight_map": dict.fromkeys(f.keys(), first)}
         name = "model-00002-of-00002.safetensors"
     save_file(tensors, dest / name, metadata={"format": "pt"})
     data["weight_map"].update(dict.fromkeys(tensors, name))
@@ -227,11 +244,70 @@ def _add_shard(dest: Path, tensors: dict[str, torch.Tensor]) -> None:
     index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _unpacked(model: nn.Module) -> None:
+    """A model just loaded from a packed checkpoint is still COMPRESSED (transformers unpacks it on
+    its first forward): unpack it now, so that saving packs it exactly once."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationStatus
+
+    if any(getattr(m, "quantization_status", None) == QuantizationStatus.COMPRESSED for m in model.modules()):
+        ModelCompressor.from_pretrained_model(model).decompress_model(model)
+
+
+def _expert_grid(folder: Path) -> Grid | None:
+    """The grid of the packed experts of a checkpoint dsc saved (None: none packed)."""
+    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    groups = list((qc.get("config_groups") or {}).values())
+    group = next((g for g in groups if g.get("targets") == [EXPERTS_TARGET]), groups[0] if groups else None)
+    w = (group or {}).get("weights")
+    if not w or (group.get("format") or qc.get("format")) != "pack-quantized" or not w.get("symmetric"):
+        return None
+    return Grid(w["num_bits"], w.get("group_size"), True)
+
+
+def _read(folder: Path, keys: set[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for file in Path(folder).glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in keys & set(f.keys())})
+    return out
+
+
+@torch.no_grad()
+def restore_experts(model: nn.Module, folder: Path) -> int:
+    """After from_pretrained of a checkpoint that dsc saved: re-attach each fused experts module's
+    record (transformers fuses the packed experts back into plain floats and forgets their scales),
+    read from the checkpoint's per-expert `weight_scale`s, so that weight_bytes counts them at their
+    bits and the next save packs them again. Returns the number of experts modules restored."""
+    grid, restored = _expert_grid(folder), 0
+    for name, (module, q) in _experts(model).items() if grid is not None else ():
+        parts = []
+        for param in ("gate_up_proj", "down_proj"):
+            w = getattr(module, param)
+            rows = torch.arange(w.shape[0] * w.shape[1], dtype=torch.float64).reshape(*w.shape[:2], 1)
+            where = _split(model, f"{name}.{param}", rows)  # per-expert linear → its rows in the fused tensor
+            scales = _read(folder, {f"{base}.weight_scale" for base in where or {}})
+            if q is not None or where is None or len(scales) != len(where):
+                break
+            scale = torch.empty(rows.numel(), grid.group_size and w.shape[2] // grid.group_size or 1)
+            for base, index in where.items():
+                scale[index.flatten().long()] = scales[f"{base}.weight_scale"].float()
+            scale = scale.reshape(*w.shape[:2], -1).to(w.device)
+            parts.append(Quantized(grid, scale, torch.zeros_like(scale)))
+        if len(parts) == 2:
+            setattr(module, ATTR, QuantizedExperts(grid, *parts))
+            restored += 1
+    return restored
+
+
 @torch.no_grad()
 def save_pretrained(model: nn.Module, dest: Path) -> None:
-    """model.save_pretrained in compressed-tensors form; the model in memory is left as it was."""
+    """model.save_pretrained in compressed-tensors form; the model in memory keeps its weights."""
     from compressed_tensors.compressors import ModelCompressor
 
+    _unpacked(model)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     try:
@@ -241,7 +317,8 @@ def save_pretrained(model: nn.Module, dest: Path) -> None:
             return
         state = model.state_dict()
         compressed, floats, grids = _expert_tensors(model, state)
-        model.save_pretrained(dest, state_dict={**state, **compressed})
+        with _as_built(model):
+            model.save_pretrained(dest, state_dict={**state, **compressed})
         compressor.update_config(str(dest))
         if grids:
             _experts_group(dest, _args(grids[0]))

@@ -273,7 +273,8 @@ def _observe(layer: Layer, inputs, linears, targets: set[str], plan: Plan) -> tu
         stats = ExpertStats.empty(layer.moe.experts, plan.grid)
     watch = (experts.rpartition(".")[0],) if experts else ()
     seen = observe(layer.module, inputs, linears, plan.loss_batches if plan.module_loss else 0,
-                   gram=plan.scaling == "awq" or plan.clip, watch=watch, experts={experts: stats} if stats else None)
+                   gram=plan.scaling == "awq" or plan.clip, watch=watch,
+                   experts=None if stats is None else {experts: stats})
     return seen, stats
 
 

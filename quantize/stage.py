@@ -175,4 +175,8 @@ def apply_int8(model, cfg: Int8Config, ctx) -> StageOutput:
         done, _ = _layerwise(model, cfg, ctx, names + experts, Plan(grid, "smooth", alpha=cfg.smoothing))
     else:
         done = _rtn(model, names, grid, experts)
-    return _finish(model, done, cfg, cfg.mode == "w8a8", {"smoothing": cfg.smoothing if cfg.needs_data else None})
+    extra = {"smoothing": cfg.smoothing if cfg.needs_data else None}
+    if experts and cfg.mode == "w8a8":
+        extra["experts_w8a8"] = ("weight-only int8: the fused experts' forward has no place to quantize their "
+                                 "inputs, and transformers loads fused experts weight-only")
+    return _finish(model, done, cfg, cfg.mode == "w8a8", extra)

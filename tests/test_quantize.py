@@ -226,10 +226,13 @@ def test_fused_moe_experts_are_not_skipped_silently(tokenizer):
     from test_prune import tiny_moe
 
     model = tiny_moe("mixtral", len(tokenizer))
-    with pytest.raises(FieldError, match=r"ignore: model\.layers\.0\.mlp\.experts stores its routed experts"):
-        apply_rtn(model, RTNConfig(group_size=16), None)
+    out = apply_rtn(model, RTNConfig(group_size=16), None)  # fused experts are quantized (tests/test_moe_quantize.py)
+    assert out.metrics["quantized_experts"] == 4 * 4
+    model = tiny_moe("mixtral", len(tokenizer))
+    experts = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
     out = apply_rtn(model, RTNConfig(group_size=16, ignore=["lm_head", "re:.*mlp\\.experts", "re:.*mlp\\.gate"]), None)
-    assert out.metrics["quantized_linears"] >= 8
+    assert out.metrics["quantized_linears"] >= 8 and "quantized_experts" not in out.metrics
+    assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, experts)  # ignored: left in float
 
 
 # ---- in a recipe -------------------------------------------------------------------------------
