@@ -89,7 +89,7 @@ def param_counts(model) -> dict:
 def weight_bytes(model) -> int:
     """Bytes of the weights as saved: unique tensors of the state dict, quantized weights at their
     bit width (their scales and zero points are tensors of the state dict too)."""
-    from dsc.quantize.ct import stored_bits
+    from dsc.quantize.ct import experts_qparam_bytes, stored_bits
 
     bits = stored_bits(model)
     seen, total = set(), 0
@@ -98,7 +98,7 @@ def weight_bytes(model) -> int:
         if key not in seen:
             seen.add(key)
             total += t.numel() * bits[name] // 8 if name in bits else t.numel() * t.element_size()
-    return total
+    return total + experts_qparam_bytes(model)  # fused experts' scales live outside the state dict
 
 
 def disk_bytes(folder: Path) -> int:

@@ -105,6 +105,7 @@ def load_model(source: Source, ref: ModelRef, field: str = "teacher.path"):
         elif source.kind == "dir":
             has_st = any(Path(source.location).glob("*.safetensors"))
             model = AutoModelForCausalLM.from_pretrained(source.location, use_safetensors=has_st or None, **kwargs)
+            _restore_experts(model, Path(source.location))
         else:
             model = AutoModelForCausalLM.from_pretrained(source.location, revision=ref.revision, **kwargs)
     except ImportError as exc:
@@ -116,6 +117,15 @@ def load_model(source: Source, ref: ModelRef, field: str = "teacher.path"):
         hint = " (no network? point it at a local directory)" if source.kind == "hub" else ""
         raise DscInputError(field, f"cannot load {source.location!r} as a causal LM: {exc}{hint}") from exc
     return model.eval()
+
+
+def _restore_experts(model, folder: Path) -> None:
+    """A compressed-tensors MoE checkpoint loads its packed experts as fused floats: re-attach
+    their grids so sizes count them at their bits and a later save packs them again."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        from dsc.quantize.ct import restore_experts
+
+        restore_experts(model, folder)
 
 
 def _plain_copy(model):

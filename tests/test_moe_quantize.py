@@ -190,8 +190,9 @@ def test_reloaded_experts_are_restored_and_save_the_same(stage, tokenizer, tmp_p
     out = apply(model, cfg, _ctx(tokenizer, ids))
     assert ("experts_w8a8" in out.metrics) == (stage == "int8-w8a8")
     save_model(model, tokenizer, tmp_path / "q")
-    reloaded = load_checkpoint(tmp_path / "q")  # not run yet: its linears are still packed
-    assert ct.restore_experts(reloaded, tmp_path / "q") == 3
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert ct.experts_qparam_bytes(plain) == 0 and ct.restore_experts(plain, tmp_path / "q") == 3
+    reloaded = load_checkpoint(tmp_path / "q")  # dsc's loader restores them; not run yet: linears still packed
     assert weight_bytes(reloaded) == weight_bytes(model)
     assert ct.experts_qparam_bytes(reloaded) == ct.experts_qparam_bytes(model) > 0
     save_model(reloaded, tokenizer, tmp_path / "again")
@@ -238,9 +239,10 @@ def test_weight_bytes_count_packed_experts_at_their_bits(tokenizer):
     bits = ct.stored_bits(quantized)
     assert bits["model.layers.0.mlp.experts.gate_up_proj"] == 4 and bits["model.layers.3.mlp.experts.down_proj"] == 4
     assert "model.layers.0.mlp.experts.gate_up_proj" not in ct.stored_bits(ignored)
-    assert weight_bytes(ignored) - weight_bytes(quantized) == expert_params * 4 - expert_params // 2  # fp32 → 4 bits
     # their scales (fp32, one per 8 weights) and weight_shape pairs are storage outside the state dict
-    assert ct.experts_qparam_bytes(quantized) == expert_params // 8 * 4 + 48 * 4 * len(experts)
+    scales = ct.experts_qparam_bytes(quantized)
+    assert scales == expert_params // 8 * 4 + 48 * 4 * len(experts)
+    assert weight_bytes(ignored) - weight_bytes(quantized) == expert_params * 4 - expert_params // 2 - scales
 
 
 # ---- quality floor on a trained DeepSeek-V3-architecture MoE (MLA, shared + routed experts) --------
