@@ -249,3 +249,32 @@ def test_expert_channels_by_activation_beat_magnitude_and_random(dsv3):
     activation = _pruned_ppl(dsv3, channels=0.25)
     assert activation < _pruned_ppl(dsv3, channels=0.25, importance="magnitude")
     assert activation < _pruned_ppl(dsv3, channels=0.25, importance="random")
+
+
+def test_v3_moe_to_lite_recipe_runs_end_to_end(tiny_dsv3_dir, tmp_path):
+    """recipes/v3_moe_to_lite.yaml with a small budget: prune experts + MLA heads → recover → dense
+    student → AWQ; the published model is the 4-bit Llama student and reloads."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from conftest import ROOT, run_cli
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "v3_moe_to_lite.yaml").read_text())
+    recipe["teacher"] = str(tiny_dsv3_dir)
+    recipe["data"]["generated"].update(num_sequences=96)
+    recipe["output"] = str(tmp_path / "run")
+    for stage in recipe["stages"]:
+        (name, cfg), = stage.items()
+        if name == "distill":
+            cfg.update(steps=8, save_every=4)
+        if name in ("prune", "awq"):
+            cfg["num_samples"] = 8
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = run_cli("run", path, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lite = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert lite.config.model_type == "llama" and lite.config.quantization_config.to_dict()["format"] == "pack-quantized"
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "stages" / "01-prune" / "model")
+    assert (pruned.config.n_routed_experts, pruned.config.num_attention_heads) == (4, 3)
+    assert (tmp_path / "run" / "report.md").read_text().count("after prune") >= 3
