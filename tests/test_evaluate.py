@@ -1,7 +1,6 @@
 """The evaluate stage's numbers against independent computations."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
