@@ -5,7 +5,7 @@ in 2 routing groups, top-2) with 25 / 50 / 75 % of the routed experts removed by
 importance (reap, reconstruction, frequency, usage, random over 3 seeds; reap / reconstruction also
 with `expert_merge: merge`), llm-compressor 0.14's REAPPruningModifier at the same sparsity
 (`--peers llmcompressor`: a subprocess in /work/venvs/llmc, bench/peers/llmcompressor_reap.py),
-then MLA heads and expert channels at 25 / 50 %, then the "distilled V3": a dense Llama student
+then MLA heads, MLA latent ranks and expert channels at 25 / 50 %, then the "distilled V3": a dense Llama student
 (hidden 64, 4 layers, random init, seed 0) trained from the MoE teacher with KL + feature KD and,
 for comparison, the same student on the LM loss alone, for the same tokens (text sampled from the
 teacher). Every dsc row is saved and reloaded with from_pretrained and measured from the reloaded
@@ -112,9 +112,11 @@ def rows(args, base, ctx, held, calib_path, held_path):
                      "ppl": statistics.mean(r["ppl"] for r in runs)}
         if "llmcompressor" in args.peers:
             yield None, peer_row(calib_path, held_path, frac)
-    for kind in ("heads", "channels"):
+    titles = {"heads": "MLA heads", "latent": "MLA latent ranks (q_lora_rank, kv_lora_rank)",
+              "channels": "expert + dense channels"}
+    for kind, title in titles.items():
         for frac in (0.25, 0.5):
-            yield f"{'MLA heads' if kind == 'heads' else 'expert + dense channels'} −{frac:.0%}", None
+            yield f"{title} −{frac:.0%}", None
             for imp in ("activation", "magnitude", "random"):
                 yield None, dsc_row(base, ctx, held, f"dsc {imp}", **{kind: frac}, importance=imp)
 

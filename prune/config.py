@@ -20,9 +20,12 @@ Fraction = Annotated[float, AfterValidator(_fraction)]
 class PruneConfig(Config):
     ratio: Fraction = Field(0.0, description="global: fraction of non-embedding parameters to remove, spread as one "
                                              "uniform fraction over `kinds` (instead of heads/channels/layers)")
-    kinds: list[Literal["heads", "channels", "layers", "experts"]] = Field(
+    kinds: list[Literal["heads", "channels", "layers", "experts", "latent"]] = Field(
         default_factory=lambda: ["heads", "channels"], description="what a global `ratio` may cut")
     heads: Fraction = Field(0.0, description="fraction of query heads to remove (GQA-aware, same in every layer)")
+    latent: Fraction = Field(0.0, description="MLA (DeepSeek): fraction of q_lora_rank and kv_lora_rank to remove "
+                                              "(a smaller kv_lora_rank is a smaller KV cache); the latent norms "
+                                              "are rescaled for the energy the removed channels carried")
     head_mode: Literal["per_group", "groups"] = Field(
         "per_group", description="per_group: the same number of query heads from every KV group; "
                                  "groups: whole KV groups (shrinks the KV cache too)")
@@ -62,11 +65,11 @@ class PruneConfig(Config):
 
     @model_validator(mode="after")
     def _something_to_cut(self):
-        per_kind = self.heads or self.channels or self.layers or self.experts
+        per_kind = self.heads or self.channels or self.layers or self.experts or self.latent
         if self.ratio and per_kind:
             raise ValueError("set either a global `ratio` or per-kind heads/channels/layers, not both")
         if not (self.ratio or per_kind):
-            raise ValueError("nothing to prune: set ratio, or heads, channels, layers or experts above 0")
+            raise ValueError("nothing to prune: set ratio, or heads, channels, layers, experts or latent above 0")
         if self.ratio and not self.kinds:
             raise ValueError("a global ratio needs at least one of kinds: heads, channels, layers, experts")
         return self

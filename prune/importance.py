@@ -41,6 +41,7 @@ class Scores:  # higher = more important; dicts are keyed by layer index
     expert_channels: dict[int, torch.Tensor] = None  # MoE layers: (num_experts, expert width)
     shared_channels: dict[int, torch.Tensor] = None  # MoE layers with shared experts: (shared width,)
     stats: dict[int, "moe_experts.ExpertStats"] = None  # MoE layers: routing statistics (for merging)
+    latent: dict[int, dict] = None  # MLA layers: {"q"/"kv": (rank,) scores, "q_energy"/"kv_energy": Σ x² or None}
 
 
 def _mlps(structure: Structure) -> list:
@@ -58,9 +59,19 @@ def _linears(structure: Structure) -> list[nn.Linear]:
     return out + [lin for m in _mlps(structure) for lin in m.linears]
 
 
-def _outputs(structure: Structure) -> list[nn.Linear]:
-    """The projections that write heads and channels back to the residual stream."""
-    return [layer.attn.o for layer in structure.layers] + [m.down for m in _mlps(structure)]
+def _outputs(structure: Structure, latent: bool = False) -> list[nn.Linear]:
+    """The projections that write heads and channels back to the residual stream (and, for latent
+    pruning, the MLA up-projections that read the latent channels)."""
+    out = [layer.attn.o for layer in structure.layers] + [m.down for m in _mlps(structure)]
+    if latent:
+        out += [lin for layer in structure.layers if layer.attn.mla is not None
+                for lin in (layer.attn.mla.kv_b, layer.attn.mla.q_b if layer.attn.mla.q_a is not None else None) if lin]
+    return out
+
+
+def _latent_norms(structure: Structure) -> list[nn.Module]:
+    return [norm for layer in structure.layers if layer.attn.mla is not None
+            for norm in (layer.attn.mla.kv_a_norm, layer.attn.mla.q_a_norm) if norm is not None]
 
 
 def calibration_batches(blocks: torch.Tensor, batch_size: int, device) -> list[torch.Tensor]:
@@ -69,7 +80,7 @@ def calibration_batches(blocks: torch.Tensor, batch_size: int, device) -> list[t
 
 @dataclass
 class Calibration:
-    sq: dict[int, torch.Tensor]  # id(linear) -> Σ x² per input column
+    sq: dict[int, torch.Tensor]  # id(linear) -> Σ x² per input column (id(norm) -> of its input: MLA latents)
     block_influence: torch.Tensor  # (num_layers,)
     experts: dict[int, moe_experts.ExpertStats]  # layer -> routing statistics
     moe_inputs: dict[int, list[torch.Tensor]]  # layer -> input tokens of the MoE block (reconstruction)
@@ -85,12 +96,13 @@ def _stop(*_):
 
 @torch.inference_mode()
 def calibrate(model: nn.Module, structure: Structure, batches, block_influence: bool, expert_outputs: bool = False,
-              similarity: bool = False, moe_inputs: int = 0, stop_after: nn.Module | None = None) -> Calibration:
+              similarity: bool = False, moe_inputs: int = 0, stop_after: nn.Module | None = None,
+              latent: bool = False) -> Calibration:
     """One calibration pass: ‖X_col‖² of every output projection's input, routing statistics (and,
     with `expert_outputs` / `similarity`, REAP norms, expert channel activations, expert
     similarities) and, optionally, block influence."""
-    sq = {id(lin): torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device)
-          for lin in _outputs(structure)}
+    watched = _outputs(structure, latent) + (_latent_norms(structure) if latent else [])
+    sq = {id(m): torch.zeros(m.weight.shape[-1], dtype=torch.float64, device=m.weight.device) for m in watched}
     bi = torch.zeros(len(structure.layers), dtype=torch.float64)
     stats = {layer.index: moe_experts.ExpertStats.empty(layer.moe.experts) for layer in structure.sparse()}
     count = torch.zeros(1, dtype=torch.float64)
@@ -108,8 +120,8 @@ def calibrate(model: nn.Module, structure: Structure, batches, block_influence: 
             bi[index] += (1 - cos).sum().cpu()
         return hook
 
-    for lin in _outputs(structure):
-        hooks.append(lin.register_forward_pre_hook(pre))
+    for module in watched:
+        hooks.append(module.register_forward_pre_hook(pre))
     if block_influence:
         for layer in structure.layers:
             hooks.append(layer.module.register_forward_hook(block(layer.index), with_kwargs=True))
@@ -194,6 +206,23 @@ def head_scores(a, element) -> tuple[torch.Tensor, torch.Tensor]:
     return h.cpu(), g.cpu()
 
 
+def latent_scores(mla, element, sq: dict | None) -> dict:
+    """(rank,) per MLA latent: the kv_b (q_b) columns that read each latent channel and the kv_a
+    (q_a) rows that write it; with the norms' input energy Σ x² when calibrated."""
+    kv_rank = mla.kv_b.in_features
+    out = {"kv": element(mla.kv_b).sum(0).cpu(), "kv_energy": sq.get(id(mla.kv_a_norm)) if sq else None}
+    rows = element(mla.kv_a)
+    if rows is not None:
+        out["kv"] = out["kv"] + rows[:kv_rank].sum(1).cpu()
+    if mla.q_a is not None:
+        out["q"] = element(mla.q_b).sum(0).cpu()
+        out["q_energy"] = sq.get(id(mla.q_a_norm)) if sq else None
+        rows = element(mla.q_a)
+        if rows is not None:
+            out["q"] = out["q"] + rows.sum(1).cpu()
+    return out
+
+
 def channel_scores(m, element) -> torch.Tensor:
     """(width,) from the gate/up rows and down columns each channel owns."""
     c = element(m.down).sum(0) + _rows(element(m.up), m.width)
@@ -207,7 +236,7 @@ def compute(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor | 
     device = next(model.parameters()).device
     batches = calibration_batches(blocks, cfg.batch_size, device) if blocks is not None else []
     need_bi = bool(cfg.layers) and cfg.layer_importance == "block"
-    width_data = bool(cfg.heads or cfg.channels) and cfg.importance == "activation"
+    width_data = bool(cfg.heads or cfg.channels or cfg.latent) and cfg.importance == "activation"
     expert_data = bool(cfg.experts) and (cfg.expert_importance != "random" or cfg.expert_merge == "merge")
     outputs_needed = (bool(cfg.experts) and cfg.expert_importance == "reap") or (width_data and bool(cfg.channels))
     cal = None
@@ -215,23 +244,27 @@ def compute(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor | 
         recon = bool(cfg.experts) and cfg.expert_importance == "reconstruction"
         cal = calibrate(model, structure, batches, need_bi, expert_outputs=outputs_needed and bool(structure.sparse()),
                         similarity=bool(cfg.experts) and cfg.expert_merge == "merge",
-                        moe_inputs=cfg.reconstruction_tokens if recon else 0)
-    taylor = bool(cfg.heads or cfg.channels) and cfg.importance == "taylor"
+                        moe_inputs=cfg.reconstruction_tokens if recon else 0, latent=bool(cfg.latent))
+    elif cfg.latent:  # the latent norms' input energy, for their rescaling after the cut
+        cal = calibrate(model, structure, batches, False, latent=True) if batches else None
+    taylor = bool(cfg.heads or cfg.channels or cfg.latent) and cfg.importance == "taylor"
     grads = taylor_grads(model, structure, batches) if taylor else None
     gen = torch.Generator().manual_seed(cfg.seed)
-    outputs = {id(lin) for lin in _outputs(structure)}
+    outputs = {id(lin) for lin in _outputs(structure, bool(cfg.latent))}
 
     def element(lin):
         if cfg.importance == "activation" and id(lin) not in outputs:
             return None  # activation importance reads the output side only
         return element_scores(lin, cfg.importance, cfg.norm, cal.sq if cal else None, grads, gen)
 
-    scores = Scores({}, {}, {}, {}, None, {}, {}, cal.experts if cal else {})
+    scores = Scores({}, {}, {}, {}, None, {}, {}, cal.experts if cal else {}, {})
     for layer in structure.layers:
         if cfg.heads and (layer.attn.q is not None or layer.attn.mla is not None):
             scores.heads[layer.index], scores.kv[layer.index] = head_scores(layer.attn, element)
         if cfg.channels and layer.mlp is not None:
             scores.channels[layer.index] = channel_scores(layer.mlp, element)
+        if cfg.latent and layer.attn.mla is not None:
+            scores.latent[layer.index] = latent_scores(layer.attn.mla, element, cal.sq if cal else None)
         if layer.moe is not None and cfg.experts:
             scores.experts[layer.index] = _expert_scores(model, structure, layer, cfg, cal, gen)
         if layer.moe is not None and cfg.channels:

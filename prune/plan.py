@@ -27,6 +27,8 @@ class Plan:
     keep_expert_channels: dict[int, list[list[int]]] = field(default_factory=dict)  # -> per kept expert
     merge_experts: dict[int, dict[int, int]] = field(default_factory=dict)  # -> removed expert: kept it merges into
     merge_weights: dict[int, list[float]] = field(default_factory=dict)  # -> routing frequency of each expert
+    keep_latent: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # -> {"q"/"kv": kept latent channels}
+    latent_scale: dict[int, dict[str, float]] = field(default_factory=dict)  # -> latent norm weight factors
     params_before: int = 0
     params_after: int = 0
     params_non_embedding_before: int = 0
@@ -70,6 +72,8 @@ def make_plan(model: nn.Module, structure: Structure, scores: Scores, cfg) -> Pl
     plan.config = {"num_hidden_layers": len(kept)}
     if cfg.heads:
         _plan_heads(structure, scores, cfg, kept, plan)
+    if cfg.latent:
+        _plan_latent(structure, scores, cfg, kept, plan)
     if cfg.experts:  # before channels: expert channels are chosen for the kept experts
         _plan_experts(model, structure, scores, cfg, kept, plan)
     if cfg.channels:
@@ -123,6 +127,38 @@ def _plan_heads(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> 
     plan.config.update(num_attention_heads=new_heads, num_key_value_heads=new_kv)
     if not family.mla:  # MLA's config head_dim is the RoPE width, not a head's
         plan.config["head_dim"] = structure.layers[0].attn.head_dim
+
+
+def _plan_latent(structure: Structure, scores: Scores, cfg, kept, plan: Plan) -> None:
+    """The same number of latent channels in every layer; each layer keeps its most important ones.
+    RMSNorm divides by the root mean square over its channels: with the weak ones gone that mean
+    rises, so the kept norm weights are scaled by √(mean_kept / mean_all) of the calibration
+    energy (1 without calibration data)."""
+    first = structure.layers[0].attn.mla
+    if first is None:
+        raise FieldError("latent", f"{structure.family.name} has no multi-head latent attention (q_lora_rank, "
+                         "kv_lora_rank): latent applies to DeepSeek-V2/V3")
+    ranks = {"kv": first.kv_b.in_features}
+    if first.q_a is not None:
+        ranks["q"] = first.q_b.in_features
+    new = {k: max(1, int(r * (1 - cfg.latent))) for k, r in ranks.items()}
+    if new == ranks:
+        plan.notes.append(f"latent: {cfg.latent} of ranks {ranks} rounds to no cut")
+        return
+    for layer in kept:
+        s = scores.latent[layer.index]
+        plan.keep_latent[layer.index] = {k: _top(s[k], new[k]) for k in ranks}
+        plan.latent_scale[layer.index] = {k: _rms_factor(s.get(f"{k}_energy"), plan.keep_latent[layer.index][k])
+                                          for k in ranks}
+    plan.config["kv_lora_rank"] = new["kv"]
+    if "q" in new:
+        plan.config["q_lora_rank"] = new["q"]
+
+
+def _rms_factor(energy: torch.Tensor | None, keep: list[int]) -> float:
+    if energy is None or float(energy.sum()) == 0:
+        return 1.0
+    return float((energy[keep].mean() / energy.mean()).sqrt())
 
 
 def _narrower(width: int, cfg, multiple: int | None = None) -> int:
@@ -264,6 +300,12 @@ def _removed_params(structure: Structure, plan: Plan) -> int:
         i = layer.index
         if i in plan.keep_heads:
             removed += _removed_heads(layer.attn, plan, i)
+        if i in plan.keep_latent:
+            mla = layer.attn.mla
+            for key, a, b in (("kv", mla.kv_a, mla.kv_b), ("q", mla.q_a, mla.q_b)):
+                if key in plan.keep_latent[i]:
+                    gone = b.in_features - len(plan.keep_latent[i][key])
+                    removed += gone * (a.in_features + (a.bias is not None) + 1 + b.out_features)  # + 1: norm
         if i in plan.keep_experts:
             e = layer.moe
             gone = e.num_experts - len(plan.keep_experts[i])
@@ -315,6 +357,8 @@ def apply_plan(model: nn.Module, structure: Structure, plan: Plan) -> nn.Module:
         i = layer.index
         if i in plan.keep_heads:
             _cut_heads(layer, structure, plan)
+        if i in plan.keep_latent:
+            _cut_latent(layer, structure, plan)
         if i in plan.keep_channels:
             m = layer.mlp or layer.moe.shared
             for lin in [m.up] + ([m.gate] if m.gate is not None else []):
@@ -334,6 +378,25 @@ def apply_plan(model: nn.Module, structure: Structure, plan: Plan) -> nn.Module:
     for key, value in plan.config.items():
         setattr(model.config, key, value)
     return model
+
+
+def _cut_latent(layer, structure: Structure, plan: Plan) -> None:
+    """Keep latent channels: kv_a's rows (its trailing RoPE rows stay), kv_a_layernorm, kv_b's
+    columns; q_a's rows, q_a_layernorm, q_b's columns. The norms' weights take the RMS factor."""
+    mla, keep, scale = layer.attn.mla, plan.keep_latent[layer.index], plan.latent_scale[layer.index]
+    attn = layer.module.get_submodule(structure.family.attn)
+    rank = mla.kv_b.in_features
+    for key, a, norm, b, rows in (("kv", mla.kv_a, mla.kv_a_norm, mla.kv_b, keep["kv"] + list(
+            range(rank, mla.kv_a.out_features))), ("q", mla.q_a, mla.q_a_norm, mla.q_b, keep.get("q"))):
+        if key not in keep:
+            continue
+        _slice(a, rows, 0)
+        _slice(b, keep[key], 1)
+        w = norm.weight
+        norm.weight = nn.Parameter(w.data[keep[key]].clone() * scale[key], requires_grad=w.requires_grad)
+    attn.kv_lora_rank = len(keep["kv"])
+    if "q" in keep:
+        attn.q_lora_rank = len(keep["q"])
 
 
 def _cut_heads(layer, structure: Structure, plan: Plan) -> None:

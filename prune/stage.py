@@ -15,9 +15,10 @@ from dsc.prune.plan import Plan, apply_plan, expert_budget, make_plan
 
 
 def _needs_data(cfg: PruneConfig) -> bool:
-    width = bool(cfg.heads or cfg.channels) and cfg.importance in ("activation", "taylor")
+    width = bool(cfg.heads or cfg.channels or cfg.latent) and cfg.importance in ("activation", "taylor")
     experts = bool(cfg.experts) and (cfg.expert_importance != "random" or cfg.expert_merge == "merge")
-    return width or experts or (bool(cfg.layers) and cfg.layer_importance == "block")
+    latent = bool(cfg.latent)  # even magnitude / random: the latent norms are rescaled by measured energy
+    return width or experts or latent or (bool(cfg.layers) and cfg.layer_importance == "block")
 
 
 def plan(model, cfg: PruneConfig, ctx) -> Plan:
@@ -40,7 +41,7 @@ def cuttable(structure, cfg: PruneConfig) -> list[str]:
     """The kinds of a global ratio this model has: others are skipped with a note, not an error."""
     family = structure.family
     has = {"heads": family.fixed_head_dim and not family.qkv and not family.head_norm, "channels": True,
-           "layers": len(structure.layers) > 1, "experts": bool(structure.sparse())}
+           "layers": len(structure.layers) > 1, "experts": bool(structure.sparse()), "latent": family.mla}
     kinds = [k for k in cfg.kinds if has[k]]
     if not kinds:
         raise FieldError("kinds", f"{family.name} cannot cut any of {cfg.kinds}: "

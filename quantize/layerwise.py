@@ -107,7 +107,7 @@ def _groups(layer: Layer, stats: list[InputStats], moe_norm: str | None = None) 
     for st in stats:
         prev, rows = None, None
         if moe_norm is not None and st.producer == moe_norm:
-            pass  # scaled with the whole MoE block (_scale_moe)
+            prev = None  # no group of its own: scaled with the whole MoE block (_scale_moe)
         elif st.producer is not None and set(st.linears) in expected:
             prev = layer.module.get_submodule(st.producer)
         elif st.producer is None and len(st.linears) == 1:
