@@ -173,6 +173,24 @@ def reference_perplexity(model, stream, ctx_len, stride):
 
 
 
+class Killed(Exception):
+    """Stands in for a process killed mid-training."""
+
+
+def kill_training_at(monkeypatch, step: int) -> None:
+    """Make the shared training loop raise Killed when it reaches optimizer step `step`."""
+    from dsc.distill import loop as loop_module
+
+    original = loop_module.Loop.train_step
+
+    def train_step(self):
+        if self.step == step:
+            raise Killed()
+        return original(self)
+
+    monkeypatch.setattr(loop_module.Loop, "train_step", train_step)
+
+
 def run_cli(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
     """`dsc ...` in a subprocess, as a user or a job runs it."""
     full_env = {**os.environ, **(env or {})}

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CORPUS, make_model, run_cli
+from conftest import CORPUS, Killed, kill_training_at, make_model, run_cli
 from dsc.context import Context
 from dsc.data.pipeline import TokenData, assign_splits
 from dsc.data.sources import TeacherSource
@@ -253,22 +253,11 @@ def test_config_errors_name_the_field():
 
 # -- the loop: resume ----------------------------------------------------------------------------
 
-class Killed(Exception):
-    pass
-
-
 def _train(tokenizer, work_dir, kill_at=None, monkeypatch=None, lora=False):
     teacher = make_model("llama", len(tokenizer))
     ctx = tiny_ctx(tokenizer, teacher, work_dir)
     if kill_at is not None:
-        original = loop_module.Loop.train_step
-
-        def step(self):
-            if self.step == kill_at:
-                raise Killed()
-            return original(self)
-
-        monkeypatch.setattr(loop_module.Loop, "train_step", step)
+        kill_training_at(monkeypatch, kill_at)
     common = dict(steps=12, lr=3e-3, save_every=4, eval_every=5, eval_batches=2, grad_accum=2, batch_size=2)
     if lora:
         return apply_lora(perturbed(teacher), LoraConfig(**common, rank=4, dropout=0.2), ctx)

@@ -10,12 +10,11 @@ import math
 import pytest
 import torch
 
-from conftest import MOE_FAMILIES, make_model, make_moe, run_cli
+from conftest import MOE_FAMILIES, Killed, kill_training_at, make_model, make_moe, run_cli
 from dsc.context import Context
 from dsc.data.pipeline import TokenData, assign_splits
 from dsc.data.sources import TeacherSource
 from dsc.distill import DistillConfig, apply
-from dsc.distill import loop as loop_module
 from dsc.distill import stage as stage_module
 from dsc.distill.losses import lm_loss, logit_kd
 from dsc.distill.objective import Objective
@@ -240,21 +239,10 @@ def test_recipe_distills_a_llama_from_a_moe_and_later_stages_see_it(tokenizer, t
 
 # -- resume: the projections' state ----------------------------------------------------------------------
 
-class Killed(Exception):
-    pass
-
-
 def _train(tokenizer, work_dir, kill_at=None, monkeypatch=None):
     teacher = moe_teacher(tokenizer)
     if kill_at is not None:
-        original = loop_module.Loop.train_step
-
-        def step(self):
-            if self.step == kill_at:
-                raise Killed()
-            return original(self)
-
-        monkeypatch.setattr(loop_module.Loop, "train_step", step)
+        kill_training_at(monkeypatch, kill_at)
     cfg = DistillConfig(steps=12, lr=3e-3, save_every=4, eval_batches=2, batch_size=2, kl=1.0, features=1.0,
                         student={"config": LLAMA})
     return apply(None, cfg, moe_ctx(tokenizer, teacher, work_dir))
