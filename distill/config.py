@@ -127,6 +127,12 @@ class DistillConfig(KDConfig):
         None, description="train this model instead of the incoming one (config: {model_type: llama, ...} or "
                           "path: DIR); it must predict over the teacher's vocabulary and is the stage's output")
 
+    @property
+    def edits_input(self) -> bool:
+        """Whether the stage may change the model it is given in place. With a `student` the
+        incoming model (possibly the teacher object itself) passes through untouched."""
+        return self.student is None
+
     def model_refs(self) -> dict[str, str]:
         """Model paths in this config, checked when the recipe is validated (field → path)."""
         refs = self.student.model_refs() if self.student is not None else {}

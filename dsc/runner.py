@@ -210,7 +210,7 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
     tmp, final = out.tmp_stage_dir(i, spec.name), out.stage_dir(i, spec.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if stage.changes_model:
+    if stage.changes_model and getattr(spec.config, "edits_input", True):
         ctx.forget_teacher_if(model)  # the stage may edit the model in place: the teacher reloads
     work = out.work_dir(i, spec.name, fingerprint)
     ctx.stage_dir, ctx.work_dir = tmp, work

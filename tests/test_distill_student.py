@@ -235,6 +235,7 @@ def test_recipe_distills_a_llama_from_a_moe_and_later_stages_see_it(tokenizer, t
     distill = json.loads((tmp_path / "out" / "stages" / "00-distill" / "metrics.json").read_text())
     evaluate = json.loads((tmp_path / "out" / "stages" / "01-evaluate" / "metrics.json").read_text())
     assert evaluate["model"]["params"] == distill["student"]["params"] < evaluate["teacher"]["params"]
+    assert res.stderr.count("teacher loaded") == 1  # the incoming model (the teacher) was left untouched
 
 
 # -- resume: the projections' state ----------------------------------------------------------------------
