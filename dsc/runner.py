@@ -17,8 +17,8 @@ from dsc.data.sources import source_fingerprint
 from dsc.errors import DscInputError, FieldError, RunInterrupted
 from dsc.evaluation import disk_bytes
 from dsc.fingerprint import hash_json, read_json, write_json, write_text
-from dsc.models import fingerprint as model_fingerprint, load_checkpoint, load_model, load_tokenizer, replace_dir, \
-    resolve, save_model
+from dsc.models import ModelRef, fingerprint as model_fingerprint, load_checkpoint, load_model, load_tokenizer, \
+    replace_dir, resolve, save_model
 from dsc.recipe import Recipe
 from dsc.registry import STAGES
 from dsc.report import collect_metrics, write_report
@@ -38,9 +38,20 @@ def fingerprints(recipe: Recipe) -> tuple[dict, list[str]]:
     root["root"] = hash_json(root)
     chain, prev = [], root["root"]
     for spec in recipe.stages:
-        prev = hash_json([prev, spec.name, spec.config.model_dump()])
+        models = _stage_models(spec, recipe.base_dir)
+        prev = hash_json([prev, spec.name, spec.config.model_dump()] + ([models] if models else []))
         chain.append(prev)
     return root, chain
+
+
+def _stage_models(spec, base_dir: Path) -> dict:
+    """Fingerprints of the model folders a stage reads (distill.student.path): a folder edited
+    between a crash and the rerun makes that stage and the ones after it run again."""
+    out = {}
+    for name, path in getattr(spec.config, "model_refs", dict)().items():
+        ref = ModelRef(path=path)
+        out[name] = model_fingerprint(resolve(ref, base_dir, f"{spec.path}.{name}"), ref)
+    return out
 
 
 def versions() -> dict:

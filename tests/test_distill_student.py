@@ -298,3 +298,24 @@ def test_a_dense_student_distilled_from_tiny_deepseek_v3_ends_closer_than_lm_tra
     assert scores["kd"]["kl"] < 0.85 * scores["lm"]["kl"]
     assert scores["kd"]["ppl"] < scores["lm"]["ppl"]
     assert scores["teacher"]["ppl"] < scores["kd"]["ppl"]
+
+
+def test_the_student_folder_is_part_of_the_stage_fingerprint(tokenizer, text_file, tmp_path):
+    """A student folder changed between a crash and the rerun: that stage runs again, the ones
+    before it resume."""
+    from dsc.recipe import load_recipe
+    from dsc.runner import fingerprints
+
+    teacher_dir, student_dir = tmp_path / "t", tmp_path / "s"
+    make_model("llama", len(tokenizer)).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    make_model("llama", len(tokenizer), seed=1).save_pretrained(student_dir)
+    raw = {"teacher": str(teacher_dir), "output": str(tmp_path / "out"),
+           "data": {"t": {"type": "text", "path": str(text_file), "block_size": 32}},
+           "stages": [{"evaluate": {"context_length": 32}},
+                      {"distill": {"steps": 2, "student": {"path": str(student_dir)}}}]}
+    (tmp_path / "r.yaml").write_text(json.dumps(raw))
+    _, before = fingerprints(load_recipe(tmp_path / "r.yaml"))
+    make_model("llama", len(tokenizer), seed=2).save_pretrained(student_dir)
+    _, after = fingerprints(load_recipe(tmp_path / "r.yaml"))
+    assert before[0] == after[0] and before[1] != after[1]
