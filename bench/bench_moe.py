@@ -5,7 +5,8 @@ in 2 routing groups, top-2) with 25 / 50 / 75 % of the routed experts removed by
 importance (reap, reconstruction, frequency, usage, random over 3 seeds; reap / reconstruction also
 with `expert_merge: merge`), llm-compressor 0.14's REAPPruningModifier at the same sparsity
 (`--peers llmcompressor`: a subprocess in /work/venvs/llmc, bench/peers/llmcompressor_reap.py),
-then MLA heads, MLA latent ranks and expert channels at 25 / 50 %, then the "distilled V3": a dense Llama student
+then MLA heads, MLA latent ranks and expert channels at 25 / 50 %, then RTN / AWQ / INT8 of the
+whole model (fused experts quantized per expert, saved packed and reloaded), then the "distilled V3": a dense Llama student
 (hidden 64, 4 layers, random init, seed 0) trained from the MoE teacher with KL + feature KD and,
 for comparison, the same student on the LM loss alone, for the same tokens (text sampled from the
 teacher). Every dsc row is saved and reloaded with from_pretrained and measured from the reloaded
@@ -40,6 +41,7 @@ from common import decode_speed, dir_bytes, perplexity  # noqa: E402  (bench/pee
 from dsc import Context, apply_stage  # noqa: E402
 from dsc.data.pipeline import TokenData  # noqa: E402
 from dsc.evaluation import param_counts  # noqa: E402
+from dsc.models import save_model  # noqa: E402
 from dsc.prune import PruneConfig  # noqa: E402
 
 SHARED = Path(os.environ.get("DSC_SHARED", ROOT.parent / "shared"))
@@ -72,7 +74,7 @@ def measure(model, held: torch.Tensor, folder: Path | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     if folder is not None:  # measure what a user loads, not the object in memory
-        model.save_pretrained(folder)
+        save_model(model, None, folder)  # quantized models: compressed-tensors, packed
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
     return {"ppl": perplexity(model, held)["perplexity"], "params": param_counts(model)["params"],
             "bytes": dir_bytes(folder) if folder else None, "tok_s": decode_speed(model, model.config.vocab_size)}
@@ -142,6 +144,33 @@ def distill_rows(base, tok, held, steps: int):
             yield None, {"method": label, "seconds": seconds, "reloads": True, **measure(out.model, held, Path(tmp))}
 
 
+QUANT = {  # label: (stage, config); kv_b_proj reads the 32-wide latent: group 32 fits every linear
+    "RTN W4 g32": ("rtn", dict(bits=4, group_size=32)),
+    "AWQ W4 g32": ("awq", dict(bits=4, group_size=32)),
+    "RTN W3 g32": ("rtn", dict(bits=3, group_size=32)),
+    "AWQ W3 g32": ("awq", dict(bits=3, group_size=32)),
+    "INT8 weight-only": ("int8", dict(mode="weight_only")),
+    "INT8 W8A8 (routed experts weight-only)": ("int8", dict(mode="w8a8")),
+}
+
+
+def quant_rows(base, ctx, held):
+    """Every linear and every routed expert quantized (experts per expert, on their routed tokens)."""
+    from dsc.quantize.config import AWQConfig, Int8Config, RTNConfig
+
+    classes = {"rtn": RTNConfig, "awq": AWQConfig, "int8": Int8Config}
+    yield "quantized: all linears and the fused routed experts (LM head float)", None
+    for label, (stage, cfg) in QUANT.items():
+        extra = {} if stage == "rtn" else {"split": "all", "num_samples": 32}
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            out = apply_stage(stage, copy.deepcopy(base), classes[stage](**cfg, **extra), ctx)
+            seconds = time.perf_counter() - t0
+            row = {"method": f"dsc {label}", "seconds": seconds, "reloads": True, **measure(out.model, held, Path(tmp))}
+            row["params"] = param_counts(base)["params"]
+            yield None, row
+
+
 def fmt(row: dict, float_ppl: float) -> str:
     if "error" in row:
         return f"| {row['method']} | failed: {row['error']} | | | | | |"
@@ -157,6 +186,7 @@ def main() -> None:
     ap.add_argument("--peers", default="", help="comma-separated: llmcompressor")
     ap.add_argument("--fractions", default="0.25,0.5,0.75")
     ap.add_argument("--distill-steps", type=int, default=600, help="0: skip the dense-student rows")
+    ap.add_argument("--no-quant", dest="quant", action="store_false", help="skip the quantization rows")
     args = ap.parse_args()
     args.peers = [p for p in args.peers.split(",") if p]
     args.fractions = [float(f) for f in args.fractions.split(",")]
@@ -179,6 +209,9 @@ def main() -> None:
     print(fmt(float_row, float_row["ppl"]), flush=True)
     for title, row in rows(args, base, ctx, held, calib_path, held_path):
         print(f"| **{title}** | | | | | | | |" if title else fmt(row, float_row["ppl"]), flush=True)
+    if args.quant:
+        for title, row in quant_rows(base, ctx, held):
+            print(f"| **{title}** | | | | | | | |" if title else fmt(row, float_row["ppl"]), flush=True)
     if args.distill_steps:
         for title, row in distill_rows(base, ctx.tokenizer, held, args.distill_steps):
             print(f"| **{title}** | | | | | | | |" if title else fmt(row, float_row["ppl"]), flush=True)
