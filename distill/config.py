@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from dsc.config import Config
+from dsc.quantize.config import GridConfig
 
 
 class TrainConfig(Config):
@@ -158,3 +159,18 @@ class LoraConfig(KDConfig):
             raise ValueError("lora trains a small adapter: replicate the model with parallel: ddp (fsdp would "
                              "shard the frozen base and the adapter together)")
         return self
+
+
+class QATConfig(KDConfig, GridConfig):
+    """`qat`: quantization-aware distillation. The target linears train through their quantizer
+    (fake-quantized forward, straight-through rounding), taught by the float teacher. The grid
+    starts from the previous stage's quantization (awq, rtn) when there is one."""
+
+    learn_scales: bool = Field(True, description="train the per-group scales too (LSQ); false: keep the starting "
+                                                 "scales and train the weights only")
+    init: Literal["auto", "rtn", "awq"] = Field(
+        "auto", description="the grid training starts from. awq: AWQ's scales and clipping searched here, on "
+                            "calibration blocks of `data`, the weights left in float (the best start); rtn: "
+                            "round-to-nearest; auto: the previous stage's grid (after rtn / awq, whose weights are "
+                            "already rounded), else rtn")
+    calibration_samples: int = Field(64, gt=0, description="calibration blocks of init: awq (split calibration)")

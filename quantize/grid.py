@@ -85,10 +85,16 @@ class Quantized:
 
 
 @torch.no_grad()
+def grid_params(weight: torch.Tensor, grid: Grid, clip: torch.Tensor | float = 1.0) -> Quantized:
+    """The grid `to_grid` would put `weight` on, without changing it (scale rounded to its dtype)."""
+    scale, zero = grid.params(weight, clip)
+    return Quantized(grid, scale.to(weight.dtype).clamp(min=torch.finfo(weight.dtype).tiny).float(), zero)
+
+
+@torch.no_grad()
 def to_grid(weight: nn.Parameter | torch.Tensor, grid: Grid, clip: torch.Tensor | float = 1.0) -> Quantized:
     """Put `weight` (out, in) on the grid in place (range shrunk by `clip`); the scale is rounded to
     the weight's dtype first, as it will be stored, so the stored model computes exactly this."""
-    scale, zero = grid.params(weight, clip)
-    scale = scale.to(weight.dtype).clamp(min=torch.finfo(weight.dtype).tiny).float()
-    weight.copy_(grid.fake(weight, scale, zero).to(weight.dtype))
-    return Quantized(grid, scale, zero)
+    q = grid_params(weight, grid, clip)
+    weight.copy_(grid.fake(weight, q.scale, q.zero).to(weight.dtype))
+    return q

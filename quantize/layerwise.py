@@ -25,7 +25,7 @@ from torch import nn
 
 from dsc.quantize.calibrate import InputStats, Observed, hidden, observe
 from dsc.quantize.experts import ExpertStats, QuantizedExperts, quantize_experts, routed_loss, scale_down, scale_inputs
-from dsc.quantize.grid import Grid, Quantized, to_grid  # noqa: F401  (Quantized: progress files name it here)
+from dsc.quantize.grid import Grid, Quantized, grid_params, to_grid  # noqa: F401  (Quantized: progress files name it)
 from dsc.quantize.search import awq_scale, clip_ratios, gram_loss, smooth_scale
 from dsc.structure import Layer
 
@@ -42,6 +42,7 @@ class Plan:
     clip: bool = False
     module_loss: bool = False  # score norm-fed groups on their module's output (else: their own outputs)
     loss_batches: int = 1  # calibration batches that module loss replays
+    round: bool = True  # False: scales and clipping searched and folded, weights left in float (a QAT start)
 
 
 @dataclass
@@ -322,7 +323,7 @@ def quantize_layer(layer: Layer, inputs, targets: set[str], plan: Plan
             ratio = 1.0
             if plan.clip and linears[name] not in no_clip:
                 ratio = clip_ratios(w, group.stats.gram_mean, plan.grid, plan.n_grid)
-            done[name] = to_grid(w, plan.grid, ratio)
+            done[name] = to_grid(w, plan.grid, ratio) if plan.round else grid_params(w, plan.grid, ratio)
     experts = _names(layer)[id(layer.moe.experts)] if layer.moe is not None else None
     if experts in targets:
         done[experts] = quantize_experts(layer.moe.experts, plan.grid, stats, plan.clip, plan.n_grid)

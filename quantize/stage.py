@@ -149,11 +149,14 @@ def apply_rtn(model, cfg: RTNConfig, ctx) -> StageOutput:
     return _finish(model, _rtn(model, names, _grid(cfg, model, names, experts), experts), cfg, False, {})
 
 
-def apply_awq(model, cfg: AWQConfig, ctx) -> StageOutput:
+def apply_awq(model, cfg: AWQConfig, ctx, round_weights: bool = True) -> StageOutput:
+    """AWQ; `round_weights=False` searches and folds the scales and clipping but leaves the weights
+    in float, with their grids attached: the start of quantization-aware training."""
     names, experts = select(model, cfg)
     _untied(model, names)
     plan = Plan(_grid(cfg, model, names, experts), "awq", n_grid=cfg.n_grid, duo=cfg.duo_scaling, clip=cfg.clip,
-                module_loss=cfg.loss == "module", loss_batches=max(1, -(-cfg.loss_samples // cfg.batch_size)))
+                module_loss=cfg.loss == "module", loss_batches=max(1, -(-cfg.loss_samples // cfg.batch_size)),
+                round=round_weights)
     t0 = time.perf_counter()
     done, searches = _layerwise(model, cfg, ctx, names + experts, plan)
     gains = [s["loss"] / s["loss_rtn"] for s in searches if s["loss_rtn"] > 0]
