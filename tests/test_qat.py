@@ -144,3 +144,17 @@ def test_qat_ends_closer_to_the_teacher_than_the_same_grid_untrained(stories):
     assert kl["qat_awq"] < 0.6 * kl["awq"]
     assert kl["qat_awq"] < kl["qat_rtn"]
     _on_grid(qat_awq)
+
+
+def test_int8_qat_runs_on_the_cpu_int8_kernels(tokenizer):
+    """The CPU path of `int8`: an int8 per-channel QAT model swaps onto fbgemm int8 GEMMs."""
+    from dsc.quantize.cpu import int8_kernels
+
+    teacher = make_model("qwen2", len(tokenizer))
+    model = _qat(teacher, _ctx(tokenizer, teacher), steps=2, bits=8, group_size=None).model
+    fast = copy.deepcopy(model)
+    assert int8_kernels(fast) == 14
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model(ids).logits, fast(ids).logits
+    assert (a - b).norm() / a.norm() < 0.02
