@@ -102,6 +102,11 @@ def _plain(model: nn.Module) -> nn.Module:
 
 
 def apply(model, cfg, ctx) -> StageOutput:
+    if cfg.parallel == "fsdp":  # FSDP gathers a plain state dict; the parametrized weights are not one
+        from dsc.errors import FieldError
+
+        raise FieldError("parallel", "qat does not run under FSDP yet (its weights are parametrized): use "
+                                     "parallel: ddp (or auto) under torchrun / accelerate launch")
     names, experts = select(model, cfg)
     if experts:
         from dsc.errors import FieldError

@@ -158,3 +158,9 @@ def test_int8_qat_runs_on_the_cpu_int8_kernels(tokenizer):
     with torch.no_grad():
         a, b = model(ids).logits, fast(ids).logits
     assert (a - b).norm() / a.norm() < 0.02
+
+
+def test_fsdp_is_refused_with_the_fix(tokenizer):
+    teacher = make_model("llama", len(tokenizer))
+    with pytest.raises(FieldError, match="parallel: qat does not run under FSDP"):
+        _qat(teacher, _ctx(tokenizer, teacher), parallel="fsdp")
