@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dsc.distill.stage import train_student
+from dsc.distill.stage import rebuilt, train_student
+from dsc.errors import FieldError
 from dsc.quantize import ct
 from dsc.quantize.grid import Grid, Quantized
 from dsc.quantize.stage import select, _grid, _untied
@@ -92,25 +93,15 @@ def _plain(model: nn.Module) -> nn.Module:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     state = {k: v for k, v in model.state_dict().items() if k not in ct.qparam_names(model)}
-    plain = type(model)(config)
-    missing, unexpected = plain.load_state_dict(state, strict=False)
-    if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
-        raise RuntimeError(f"qat: could not rebuild a plain {type(model).__name__} (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
-    plain.tie_weights()
-    return plain.to(next(model.parameters()).device)
+    return rebuilt(config, state, "qat: the quantized model's float weights").to(next(model.parameters()).device)
 
 
 def apply(model, cfg, ctx) -> StageOutput:
     if cfg.parallel == "fsdp":  # FSDP gathers a plain state dict; the parametrized weights are not one
-        from dsc.errors import FieldError
-
         raise FieldError("parallel", "qat does not run under FSDP yet (its weights are parametrized): use "
                                      "parallel: ddp (or auto) under torchrun / accelerate launch")
     names, experts = select(model, cfg)
     if experts:
-        from dsc.errors import FieldError
-
         raise FieldError("ignore", f"qat trains nn.Linear weights; fused MoE experts ({experts[0]}, …) are not "
                                    "supported yet: add \"re:.*mlp\\\\.experts\" to ignore (or quantize them with awq "
                                    "afterwards)")
@@ -126,9 +117,7 @@ def apply(model, cfg, ctx) -> StageOutput:
         q = start[name]
         parametrize.register_parametrization(model.get_submodule(name), "weight",
                                              FakeQuant(grid, q.scale, q.zero, cfg.learn_scales))
-    student, metrics = train_student(model, cfg, ctx)
-    if student is None:  # FSDP: only rank 0 keeps the trained model
-        return StageOutput(None, metrics)
+    student, metrics = train_student(model, cfg, ctx)  # DDP: every process keeps the model
     done = _export(student, names, grid)
     student = student.to(dtype).eval()
     ct.attach(student, done, False, cfg.format)

@@ -116,16 +116,21 @@ def _checkpointing(model, on: bool) -> None:
 
 def _unsharded(student):
     """A plain copy of an FSDP-sharded student on rank 0 (gathered to CPU); None elsewhere."""
-    from transformers import AutoModelForCausalLM
-
     state = parallel.full_state(student)  # collective; the full weights land on rank 0 only
     if parallel.rank() != 0:
         return None
-    plain = AutoModelForCausalLM.from_config(student.config)
+    return rebuilt(student.config, state, "gathered FSDP state")
+
+
+def rebuilt(config, state: dict, what: str):
+    """A fresh plain model of `config` holding `state` (a tied LM head may be absent from it)."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_config(config)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     tied = {k for k in missing if plain.config.tie_word_embeddings and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"gathered FSDP state does not fit {type(plain).__name__}: missing "
+        raise RuntimeError(f"{what} does not fit {type(plain).__name__}: missing "
                            f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
     plain.tie_weights()
     return plain.eval()

@@ -29,7 +29,6 @@ class ExpertStats:
     reap: torch.Tensor  # (E,) Σ g·‖f_e(x)‖
     sq: torch.Tensor  # (E, I)
     similarity: torch.Tensor  # (E, E) Σ cos over sampled tokens
-    sampled: int = 0
 
     @classmethod
     def empty(cls, experts: nn.Module) -> "ExpertStats":
@@ -64,7 +63,7 @@ def hook(stats: ExpertStats, outputs: bool, similarity: bool):
             for e in flat.unique().tolist():
                 token, slot = torch.where(index == e)
                 g = weights[token, slot].float()[:, None]
-                h, f = _expert(experts, e, x[token].float() if x.dtype != experts.down_proj.dtype else x[token])
+                h, f = _expert(experts, e, x[token].to(experts.down_proj.dtype))
                 stats.reap[e] += (g[:, 0] * f.float().norm(dim=-1)).sum().double().cpu()
                 stats.sq[e] += (g * h.float()).pow(2).sum(0).double().cpu()
         if similarity:
@@ -72,7 +71,6 @@ def hook(stats: ExpertStats, outputs: bool, similarity: bool):
             outs = torch.stack([F.normalize(_expert(experts, e, sample)[1].float(), dim=-1)
                                 for e in range(experts.down_proj.shape[0])])  # (E, T, H)
             stats.similarity += torch.einsum("eth,dth->ed", outs, outs).double().cpu()
-            stats.sampled += sample.shape[0]
 
     return fn
 

@@ -21,7 +21,7 @@ activation is kept, so peak memory is the model plus one forward's activations.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,10 +38,10 @@ class Scores:  # higher = more important; dicts are keyed by layer index
     channels: dict[int, torch.Tensor]  # dense MLP layers: (width,)
     experts: dict[int, torch.Tensor]  # MoE layers: (num_experts,)
     layers: torch.Tensor | None  # (num_layers,)
-    expert_channels: dict[int, torch.Tensor] = None  # MoE layers: (num_experts, expert width)
-    shared_channels: dict[int, torch.Tensor] = None  # MoE layers with shared experts: (shared width,)
-    stats: dict[int, "moe_experts.ExpertStats"] = None  # MoE layers: routing statistics (for merging)
-    latent: dict[int, dict] = None  # MLA layers: {"q"/"kv": (rank,) scores, "q_energy"/"kv_energy": Σ x² or None}
+    expert_channels: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layers: (num_experts, width)
+    shared_channels: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layers: (shared width,)
+    stats: dict[int, "moe_experts.ExpertStats"] = field(default_factory=dict)  # MoE layers: routing statistics
+    latent: dict[int, dict] = field(default_factory=dict)  # MLA: {"q"/"kv": (rank,), "q_energy"/"kv_energy": Σ x²}
 
 
 def _mlps(structure: Structure) -> list:
@@ -257,7 +257,7 @@ def compute(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor | 
             return None  # activation importance reads the output side only
         return element_scores(lin, cfg.importance, cfg.norm, cal.sq if cal else None, grads, gen)
 
-    scores = Scores({}, {}, {}, {}, None, {}, {}, cal.experts if cal else {}, {})
+    scores = Scores({}, {}, {}, {}, None, stats=cal.experts if cal else {})
     for layer in structure.layers:
         if cfg.heads and (layer.attn.q is not None or layer.attn.mla is not None):
             scores.heads[layer.index], scores.kv[layer.index] = head_scores(layer.attn, element)
@@ -313,6 +313,7 @@ def sequential_expert_scores(model: nn.Module, structure: Structure, cfg, blocks
         for parent, block in swapped:
             setattr(parent, name, block)
     return out
+
 
 def _channel_scores_moe(layer, cfg, cal, gen, element, scores: Scores) -> None:
     moe, i = layer.moe, layer.index

@@ -272,7 +272,7 @@ def _groups_after(n, new_n, groups, topk_group, least, top_k, notes: list[str]) 
             notes.append(f"experts: {new_n} rounded down to {per_group * groups}, a multiple of n_group {groups}")
         return groups, topk_group
     notes.append(f"experts: {new_n} of {n} left cannot form {groups} routing groups (each needs ≥ {least} "
-                      f"and top-{top_k} must fit in topk_group {topk_group}): n_group and topk_group set to 1")
+                 f"and top-{top_k} must fit in topk_group {topk_group}): n_group and topk_group set to 1")
     return 1, 1
 
 
