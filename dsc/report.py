@@ -1,4 +1,6 @@
-"""metrics.json, report.md (+ HTML) and the quality-vs-size plot, rebuilt from a run directory."""
+"""metrics.json, the selection matrix (report.md, report.html) and its plots, rebuilt from a run
+directory. The report is built once as a list of blocks and rendered to Markdown and HTML, so
+both always say the same thing."""
 from __future__ import annotations
 
 import html
@@ -6,16 +8,23 @@ from pathlib import Path
 
 from dsc.fingerprint import hash_json, read_json, write_text
 
-COLUMNS = [  # (header, key in a metrics row, format)
+PLOTS = ("quality_vs_size.png", "quality_vs_speed.png")
+COLUMNS = [  # (header, key in a metrics row, format): the size / speed / memory side of the matrix
     ("params", "params", "{:,}"),
     ("non-emb params", "params_non_embedding", "{:,}"),
     ("weights MB", "weight_bytes", "mb"),
     ("perplexity", "perplexity", "{:.4f}"),
     ("ppl vs teacher", "ppl_ratio", "{:+.2%}"),
+]
+SPEED_COLUMNS = [
     ("prefill tok/s", "prefill_tokens_per_s", "{:.1f}"),
     ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
+    ("decode vs teacher", "decode_speedup", "{:.2f}×"),
     ("peak mem MB", "peak_memory_bytes", "mb"),
 ]
+RETAINED = ("quality retained", "quality_retained", "{:.1%}")
+RETAINED_NOTE = ("Quality retained: the mean over the zero-shot tasks of the model's accuracy (`acc`) over the "
+                 "teacher's; without zero-shot tasks, the teacher's perplexity over the model's.")
 
 
 def collect_metrics(run: Path) -> dict:
@@ -30,27 +39,71 @@ def collect_metrics(run: Path) -> dict:
 
 
 def evaluation_tables(stages: list[dict]) -> list[dict]:
-    """One table per evaluation protocol: the teacher, then each evaluate stage under it."""
+    """One table per evaluation protocol (perplexity and zero-shot tasks): the teacher, then each
+    evaluate stage under it, with what it gained and lost against the teacher."""
     tables: dict[str, dict] = {}
     for s in stages:
         m = s["metrics"]
         if s["name"] != "evaluate":
             continue
+        tasks = {k: v.get("protocol") for k, v in m["model"].get("zero_shot", {}).items()}
         proto = m["model"]["protocol"]
-        table = tables.setdefault(hash_json(proto), {"protocol": proto, "rows": []})
+        table = tables.setdefault(hash_json([proto, tasks]), {"protocol": proto, "tasks": list(tasks), "rows": []})
         after = [p["name"] for p in stages if p["index"] < s["index"] and p["name"] != "evaluate"]
         if "teacher" in m and not any(r["label"] == "teacher" for r in table["rows"]):
-            table["rows"].insert(0, _row("teacher", m["teacher"], None))
-        teacher_ppl = m.get("teacher", {}).get("perplexity")
+            table["rows"].insert(0, _row("teacher", None, m["teacher"], m["teacher"]))
+        if m["model"] == m.get("teacher"):
+            continue  # the teacher itself, measured by this stage: its row is the teacher's
         label = f"stages[{s['index']}] after {' → '.join(after)}" if after else f"stages[{s['index']}] (unchanged)"
-        table["rows"].append(_row(label, m["model"], teacher_ppl))
+        table["rows"].append(_row(label, s["index"], m["model"], m.get("teacher")))
     return list(tables.values())
 
 
-def _row(label: str, m: dict, teacher_ppl: float | None) -> dict:
-    row = {"label": label, **{k: m.get(k) for _, k, _ in COLUMNS}}
-    row["ppl_ratio"] = m["perplexity"] / teacher_ppl - 1 if teacher_ppl else None
+def _row(label: str, index: int | None, m: dict, teacher: dict | None) -> dict:
+    keys = [k for _, k, _ in COLUMNS + SPEED_COLUMNS]
+    row = {"label": label, "stage": index, **{k: m.get(k) for k in keys}, "memory_method": m.get("memory_method")}
+    row["zero_shot"] = {t: {k: v.get(k) for k in ("acc", "acc_norm", "perplexity", "items")}
+                        for t, v in m.get("zero_shot", {}).items()}
+    teacher = teacher or {}
+    row["ppl_ratio"] = _ratio(m.get("perplexity"), teacher.get("perplexity"), minus_one=True)
+    row["decode_speedup"] = _ratio(m.get("decode_tokens_per_s"), teacher.get("decode_tokens_per_s"))
+    row["prefill_speedup"] = _ratio(m.get("prefill_tokens_per_s"), teacher.get("prefill_tokens_per_s"))
+    row["quality_retained"] = quality_retained(m, teacher)
     return row
+
+
+def _ratio(a, b, minus_one: bool = False):
+    if a is None or not b:
+        return None
+    return a / b - 1 if minus_one else a / b
+
+
+def quality_retained(m: dict, teacher: dict) -> float | None:
+    """Mean of model / teacher accuracy over the zero-shot tasks both have; with none, teacher
+    perplexity / model perplexity."""
+    ours, theirs = m.get("zero_shot", {}), teacher.get("zero_shot", {})
+    shares = [ours[t]["acc"] / theirs[t]["acc"] for t in ours if t in theirs and theirs[t].get("acc")]
+    if shares:
+        return sum(shares) / len(shares)
+    return _ratio(teacher.get("perplexity"), m.get("perplexity"))
+
+
+def matrix_columns(table: dict) -> list[tuple[str, callable, str]]:
+    """(header, value getter, format) of the selection matrix: size and perplexity, the zero-shot
+    accuracies (acc, and acc_norm where a task has it), quality retained, speed and memory."""
+    def key(k):
+        return lambda r: r.get(k)
+
+    def task(t, k):
+        return lambda r: r["zero_shot"].get(t, {}).get(k)
+
+    cols = [(h, key(k), f) for h, k, f in COLUMNS]
+    for t in table.get("tasks", []):
+        cols.append((f"{t} acc", task(t, "acc"), "{:.1%}"))
+        if any(r["zero_shot"].get(t, {}).get("acc_norm") is not None for r in table["rows"]):
+            cols.append((f"{t} acc_norm", task(t, "acc_norm"), "{:.1%}"))
+    cols.append((RETAINED[0], key(RETAINED[1]), RETAINED[2]))
+    return cols + [(h, key(k), f) for h, k, f in SPEED_COLUMNS]
 
 
 def _fmt(value, fmt: str) -> str:
@@ -61,81 +114,164 @@ def _fmt(value, fmt: str) -> str:
 
 def protocol_line(p: dict) -> str:
     windows = f", first {p['max_windows']} windows" if p.get("max_windows") else ""
-    return (f"data `{p['dataset']}` (tokens {p['tokens']}), split `{p['split']}`, context {p['context_length']}, "
-            f"stride {p['stride']}{windows}, {p['level']}-level")
+    return (f"perplexity on data `{p['dataset']}` (tokens {p['tokens']}), split `{p['split']}`, context "
+            f"{p['context_length']}, stride {p['stride']}{windows}, {p['level']}-level")
+
+
+def _tasks_line(table: dict) -> str | None:
+    rows = [r for r in table["rows"] if r["zero_shot"]]
+    if not rows:
+        return None
+    items = rows[0]["zero_shot"]
+    return "Zero-shot (lm-evaluation-harness conventions; acc_norm: log-likelihood per character): " + ", ".join(
+        f"`{t}` ({items[t]['items']} items)" for t in table["tasks"] if t in items) + "."
+
+
+def _speed_line(table: dict) -> str | None:
+    methods = {r["memory_method"] for r in table["rows"] if r.get("memory_method")}
+    if not methods:
+        return None
+    return ("Speed: prefill and greedy-decode tokens/s as measured in this run (median of repeats; see each stage's "
+            f"metrics.json for the protocol); peak memory = weights + peak extra memory ({', '.join(sorted(methods))}).")
+
+
+def blocks(run: Path, metrics: dict) -> list[tuple]:
+    """The report as blocks: ("h1"|"h2"|"p", text), ("table", headers, rows), ("img", file, alt)."""
+    out: list[tuple] = [("h1", f"dsc report: {run.name}")]
+    for n, table in enumerate(metrics["evaluations"]):
+        title = "Selection matrix" if n == 0 else f"Selection matrix {n + 1}"
+        cols = matrix_columns(table)
+        out += [("h2", title), ("p", f"Protocol: {protocol_line(table['protocol'])}.")]
+        out += [("p", line) for line in (_tasks_line(table), _speed_line(table)) if line]
+        out.append(("p", RETAINED_NOTE))
+        out.append(("table", ["model"] + [h for h, _, _ in cols],
+                    [[r["label"]] + [_fmt(get(r), f) for _, get, f in cols] for r in table["rows"]]))
+        if n == 0:
+            out += [("img", name, name.removesuffix(".png").replace("_", " ")) for name in PLOTS if (run / name).is_file()]
+    out += [("h2", "Stages"), ("table", ["#", "stage", "seconds", "checkpoint MB on disk"],
+                                [[str(s["index"]), s["name"], f"{s['seconds']:.1f}",
+                                  _fmt(s["metrics"].get("checkpoint_disk_bytes"), "mb")] for s in metrics["stages"]])]
+    return out + training_blocks(metrics["stages"])
+
+
+def training_blocks(stages: list[dict]) -> list[tuple]:
+    """Training stages: budget, speed, and the held-out loss terms before → after."""
+    rows = [s for s in stages if "steps" in s["metrics"] and "tokens_per_s" in s["metrics"]]
+    if not rows:
+        return []
+    body = []
+    for s in rows:
+        m = s["metrics"]
+        start, end = m.get("eval_start") or {}, m.get("eval") or {}
+        held = ", ".join(f"{k} {start[k]:.4g} → {end[k]:.4g}" for k in ("kl", "features", "ppl") if k in start and k in end)
+        body.append([str(s["index"]), s["name"], str(m["steps"]), f"{m['tokens']:,}", f"{m['tokens_per_s']:.1f}",
+                     str(m.get("processes", 1)), str(m.get("resumed_at_step") or "–"), held or "–"])
+    return [("h2", "Training"),
+            ("p", "Held-out terms on the stage's `eval_split` (kl: to the teacher; ppl: the student's own, on that "
+                  "split), start → end."),
+            ("table", ["#", "stage", "steps", "tokens", "tokens/s", "processes", "resumed at", "held-out"], body)]
+
+
+def to_markdown(doc: list[tuple]) -> str:
+    lines: list[str] = []
+    for b in doc:
+        if b[0] == "h1":
+            lines += [f"# {b[1]}", ""]
+        elif b[0] == "h2":
+            lines += [f"## {b[1]}", ""]
+        elif b[0] == "p":
+            lines += [b[1], ""]
+        elif b[0] == "table":
+            lines += ["| " + " | ".join(b[1]) + " |", "|---" * len(b[1]) + "|"]
+            lines += ["| " + " | ".join(r) + " |" for r in b[2]] + [""]
+        elif b[0] == "img":
+            lines += [f"![{b[2]}]({b[1]})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def to_html(doc: list[tuple]) -> str:
+    e = html.escape
+    parts = ["<!doctype html><meta charset=utf-8>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:90%}"
+             "td,th{border:1px solid #bbb;padding:3px 6px;text-align:right}td:first-child{text-align:left}"
+             "img{max-width:48%}</style>"]
+    for b in doc:
+        if b[0] == "h1":
+            parts += [f"<title>{e(b[1])}</title>", f"<h1>{e(b[1])}</h1>"]
+        elif b[0] in ("h2", "p"):
+            parts.append(f"<{b[0]}>{_code(e(b[1]))}</{b[0]}>")
+        elif b[0] == "table":
+            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in b[1]) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b[2]]
+            parts.append("</table>")
+        elif b[0] == "img":
+            parts.append(f'<img src="{e(b[1])}" alt="{e(b[2])}">')
+    return "\n".join(parts) + "\n"
+
+
+def _code(text: str) -> str:
+    """`x` → <code>x</code> (text already escaped)."""
+    pieces = text.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
 
 
 def write_report(run: Path, html_too: bool = False) -> Path:
     run = Path(run)
     metrics = read_json(run / "metrics.json")
-    lines = [f"# dsc report: {run.name}", ""]
-    lines += ["## Stages", "", "| # | stage | seconds | checkpoint MB on disk |", "|---|---|---|---|"]
-    lines += [f"| {s['index']} | {s['name']} | {s['seconds']:.1f} | "
-              f"{_fmt(s['metrics'].get('checkpoint_disk_bytes'), 'mb')} |" for s in metrics["stages"]]
-    lines += training_lines(metrics["stages"])
-    for n, table in enumerate(metrics["evaluations"]):
-        lines += ["", f"## Evaluation {n + 1}", "", f"Protocol: {protocol_line(table['protocol'])}.", ""]
-        lines += ["| model | " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-        for r in table["rows"]:
-            lines.append(f"| {r['label']} | " + " | ".join(_fmt(r[k], f) for _, k, f in COLUMNS) + " |")
-    if metrics["evaluations"] and _plot(metrics["evaluations"][0], run / "quality_vs_size.png"):
-        lines += ["", "![quality vs size](quality_vs_size.png)"]
-    write_text(run / "report.md", "\n".join(lines) + "\n")
+    if metrics["evaluations"]:
+        plot_matrix(metrics["evaluations"][0], run)
+    doc = blocks(run, metrics)
+    write_text(run / "report.md", to_markdown(doc))
     if html_too:
-        write_text(run / "report.html", _html(run.name, metrics))
+        write_text(run / "report.html", to_html(doc))
     return run / "report.md"
 
 
-def training_lines(stages: list[dict]) -> list[str]:
-    """Training stages: budget, speed, and the held-out loss terms before → after."""
-    rows = [s for s in stages if "steps" in s["metrics"] and "tokens_per_s" in s["metrics"]]
-    if not rows:
-        return []
-    out = ["", "## Training", "", "Held-out terms on the stage's `eval_split` (kl: to the teacher; ppl: the "
-           "student's own, on that split), start → end.", "",
-           "| # | stage | steps | tokens | tokens/s | processes | resumed at | held-out |", "|---" * 8 + "|"]
-    for s in rows:
-        m = s["metrics"]
-        start, end = m.get("eval_start") or {}, m.get("eval") or {}
-        held = ", ".join(f"{k} {start[k]:.4g} → {end[k]:.4g}" for k in ("kl", "features", "ppl") if k in start and k in end)
-        out.append(f"| {s['index']} | {s['name']} | {m['steps']} | {m['tokens']:,} | {m['tokens_per_s']:.1f} | "
-                   f"{m.get('processes', 1)} | {m.get('resumed_at_step') or '–'} | {held or '–'} |")
-    return out
-
-
-def _plot(table: dict, path: Path) -> bool:
+def plot_matrix(table: dict, run: Path) -> list[Path]:
+    """quality vs size (weight MB) and quality vs decode speed, one point per model: quality is
+    perplexity (lower is better) beside the share of teacher quality retained."""
     # "(unchanged)" rows measured the teacher itself: one point for it is enough
     rows = [r for r in table["rows"] if r["weight_bytes"] and r["perplexity"] and not r["label"].endswith("(unchanged)")]
-    if not rows:
-        return False
+    written = []
+    for name, key, xlabel in (("quality_vs_size.png", "weight_bytes", "weights (MB)"),
+                              ("quality_vs_speed.png", "decode_tokens_per_s", "decode tokens/s")):
+        points = [r for r in rows if r.get(key)]
+        if points:
+            _scatter(points, key, xlabel, table, run / name)
+            written.append(run / name)
+    return written
+
+
+def _scatter(rows: list[dict], key: str, xlabel: str, table: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4))  # no pyplot: the caller's backend (a notebook's) stays as it was
+    fig = Figure(figsize=(9, 3.8))  # no pyplot: the caller's backend (a notebook's) stays as it was
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for r in rows:
-        ax.scatter(r["weight_bytes"] / 1e6, r["perplexity"], color="C1" if r["label"] == "teacher" else "C0")
-        ax.annotate(r["label"], (r["weight_bytes"] / 1e6, r["perplexity"]), fontsize=7)
-    ax.set_xlabel("weights (MB)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(protocol_line(table["protocol"]).replace("`", ""), fontsize=7)
+    scale = 1e6 if key == "weight_bytes" else 1
+    for i, (ykey, ylabel) in enumerate((("perplexity", "perplexity (lower is better)"),
+                                        ("quality_retained", "teacher quality retained"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for r in rows:
+            if r.get(ykey) is None:
+                continue
+            x, y = r[key] / scale, r[ykey]
+            ax.scatter(x, y, color="C1" if r["label"] == "teacher" else "C0")
+            ax.annotate(_short(r["label"]), (x, y), fontsize=7)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ykey == "quality_retained":
+            ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    fig.suptitle(protocol_line(table["protocol"]).replace("`", ""), fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png", dpi=120)
+    fig.savefig(tmp, format="png", dpi=110)
     tmp.replace(path)
-    return True
 
 
-def _html(name: str, metrics: dict) -> str:
-    parts = [f"<!doctype html><meta charset=utf-8><title>dsc report: {html.escape(name)}</title>",
-             f"<h1>dsc report: {html.escape(name)}</h1>"]
-    for table in metrics["evaluations"]:
-        parts.append(f"<p>Protocol: {html.escape(protocol_line(table['protocol']))}</p><table border=1>")
-        parts.append("<tr><th>model</th>" + "".join(f"<th>{h}</th>" for h, _, _ in COLUMNS) + "</tr>")
-        for r in table["rows"]:
-            cells = "".join(f"<td>{_fmt(r[k], f)}</td>" for _, k, f in COLUMNS)
-            parts.append(f"<tr><td>{html.escape(r['label'])}</td>{cells}</tr>")
-        parts.append("</table>")
-    parts.append('<img src="quality_vs_size.png" alt="quality vs size">')
-    return "\n".join(parts) + "\n"
+def _short(label: str) -> str:
+    """'stages[6] after prune → distill → lora' → 'lora (6)': the last step names the point."""
+    if " after " not in label:
+        return label
+    head, chain = label.split(" after ", 1)
+    return f"{chain.split(' → ')[-1]} ({head.removeprefix('stages[').rstrip(']')})"

@@ -7,7 +7,7 @@
     OUT/work/NN-name-FP/  checkpoints of a training stage in progress (a resume continues from
                           them; FP is the stage's fingerprint, so a changed recipe never does)
     OUT/model/            the final Lite model
-    OUT/metrics.json, OUT/report.md, OUT/quality_vs_size.png
+    OUT/metrics.json, OUT/report.md (+ .html), OUT/quality_vs_size.png, OUT/quality_vs_speed.png
 
 A stage is written into `stages/.tmp-NN-name` and renamed when complete, so its folder exists
 only once it is whole: `kill -9` at any moment loses at most the stage in progress.
@@ -22,7 +22,8 @@ from pathlib import Path
 from dsc.errors import DscInputError
 from dsc.fingerprint import read_json
 
-RUN_FILES = ("manifest.json", "recipe.yaml", "metrics.json", "report.md", "report.html", "quality_vs_size.png")
+RUN_FILES = ("manifest.json", "recipe.yaml", "metrics.json", "report.md", "report.html", "quality_vs_size.png",
+             "quality_vs_speed.png")
 
 
 class RunDir:

@@ -295,3 +295,30 @@ def test_v3_moe_to_lite_recipe_runs_end_to_end(tiny_dsv3_dir, tmp_path):
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "stages" / "01-prune" / "model")
     assert (pruned.config.n_routed_experts, pruned.config.num_attention_heads) == (4, 3)
     assert (tmp_path / "run" / "report.md").read_text().count("after prune") >= 3
+
+
+def test_prune_experts_moe_recipe(tiny_dsv3_dir, tmp_path):
+    """recipes/prune_experts_moe.yaml with a small budget: half the routed experts go, the model
+    reloads with a true config, and KD recovery lowers the pruned model's perplexity."""
+    import json
+
+    import yaml
+    from transformers import AutoConfig
+
+    from conftest import ROOT, run_cli
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "prune_experts_moe.yaml").read_text())
+    recipe.update(teacher=str(tiny_dsv3_dir), output=str(tmp_path / "run"))
+    recipe["data"]["generated"].update(num_sequences=96)
+    for stage in recipe["stages"]:
+        (name, cfg), = stage.items()
+        cfg.update({"distill": {"steps": 16, "save_every": 8}, "prune": {"num_samples": 8}}.get(name, {}))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = run_cli("run", path, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    config = AutoConfig.from_pretrained(tmp_path / "run" / "model")
+    assert (config.n_routed_experts, config.num_experts_per_tok) == (4, 2)
+    teacher, pruned, recovered = json.loads((tmp_path / "run" / "metrics.json").read_text())["evaluations"][0]["rows"]
+    assert recovered["perplexity"] < pruned["perplexity"] and teacher["perplexity"] < pruned["perplexity"]
+    assert recovered["params"] < 0.75 * teacher["params"]
