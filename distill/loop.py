@@ -182,7 +182,11 @@ class Loop:
 
     def load(self) -> int:
         """Resume from the last checkpoint, if any; returns the step resumed at (0: fresh)."""
-        if self.state_dir is None or not (self._ckpt / "meta.json").is_file():
+        if self.state_dir is None:
+            return 0
+        if not (self._ckpt / "meta.json").is_file():
+            if parallel.rank() == 0:  # a run killed before its first checkpoint logged steps that restart now
+                (self.state_dir / "train_log.jsonl").unlink(missing_ok=True)
             return 0
         meta = json.loads((self._ckpt / "meta.json").read_text())
         state = torch.load(self._ckpt / "state.pt", map_location="cpu", weights_only=True)

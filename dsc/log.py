@@ -46,7 +46,15 @@ def setup_logging(fmt: str = "text", level: str = "info") -> logging.Logger:
         import tqdm.std  # compressed-tensors' and GGUF's bars are plain tqdm
 
         if not getattr(tqdm.std.tqdm, "_dsc_quiet", False):
-            tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
+            # Forced, not a default: compressed-tensors passes `disable=not show_progress` itself,
+            # which a partialmethod's keyword would let through (bars in the middle of JSON lines).
+            original = tqdm.std.tqdm.__init__
+
+            @functools.wraps(original)
+            def quiet_init(self, *args, **kwargs):
+                original(self, *args, **{**kwargs, "disable": True})
+
+            tqdm.std.tqdm.__init__ = quiet_init
             tqdm.std.tqdm._dsc_quiet = True
     if fmt == "json":  # third-party warnings become JSON lines too
         hf_logging.disable_default_handler()
