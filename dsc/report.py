@@ -24,7 +24,8 @@ SPEED_COLUMNS = [
 ]
 RETAINED = ("quality retained", "quality_retained", "{:.1%}")
 RETAINED_NOTE = ("Quality retained: the mean over the zero-shot tasks of the model's accuracy (`acc`) over the "
-                 "teacher's; without zero-shot tasks, the teacher's perplexity over the model's.")
+                 "teacher's (– for a stage evaluated without them); in a run without zero-shot tasks, the "
+                 "teacher's perplexity over the model's.")
 
 
 def collect_metrics(run: Path) -> dict:
@@ -39,16 +40,17 @@ def collect_metrics(run: Path) -> dict:
 
 
 def evaluation_tables(stages: list[dict]) -> list[dict]:
-    """One table per evaluation protocol (perplexity and zero-shot tasks): the teacher, then each
-    evaluate stage under it, with what it gained and lost against the teacher."""
+    """One table per perplexity protocol: the teacher, then each evaluate stage under it, with what
+    it gained and lost against the teacher. Zero-shot tasks are columns (a stage that ran fewer
+    tasks leaves its cells empty)."""
     tables: dict[str, dict] = {}
     for s in stages:
         m = s["metrics"]
         if s["name"] != "evaluate":
             continue
-        tasks = {k: v.get("protocol") for k, v in m["model"].get("zero_shot", {}).items()}
         proto = m["model"]["protocol"]
-        table = tables.setdefault(hash_json([proto, tasks]), {"protocol": proto, "tasks": list(tasks), "rows": []})
+        table = tables.setdefault(hash_json(proto), {"protocol": proto, "tasks": [], "rows": []})
+        table["tasks"] += [t for t in m["model"].get("zero_shot", {}) if t not in table["tasks"]]
         after = [p["name"] for p in stages if p["index"] < s["index"] and p["name"] != "evaluate"]
         if "teacher" in m and not any(r["label"] == "teacher" for r in table["rows"]):
             table["rows"].insert(0, _row("teacher", None, m["teacher"], m["teacher"]))
@@ -56,6 +58,10 @@ def evaluation_tables(stages: list[dict]) -> list[dict]:
             continue  # the teacher itself, measured by this stage: its row is the teacher's
         label = f"stages[{s['index']}] after {' → '.join(after)}" if after else f"stages[{s['index']}] (unchanged)"
         table["rows"].append(_row(label, s["index"], m["model"], m.get("teacher")))
+    for table in tables.values():  # a table with zero-shot tasks measures quality by them alone
+        for r in table["rows"]:
+            if table["tasks"] and not r["zero_shot"]:
+                r["quality_retained"] = None
     return list(tables.values())
 
 
@@ -119,10 +125,9 @@ def protocol_line(p: dict) -> str:
 
 
 def _tasks_line(table: dict) -> str | None:
-    rows = [r for r in table["rows"] if r["zero_shot"]]
-    if not rows:
+    items = {t: v for r in reversed(table["rows"]) for t, v in r["zero_shot"].items()}
+    if not items:
         return None
-    items = rows[0]["zero_shot"]
     return "Zero-shot (lm-evaluation-harness conventions; acc_norm: log-likelihood per character): " + ", ".join(
         f"`{t}` ({items[t]['items']} items)" for t in table["tasks"] if t in items) + "."
 

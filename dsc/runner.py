@@ -39,7 +39,8 @@ def fingerprints(recipe: Recipe) -> tuple[dict, list[str]]:
     chain, prev = [], root["root"]
     for spec in recipe.stages:
         models = _stage_models(spec, recipe.base_dir)
-        prev = hash_json([prev, spec.name, spec.config.model_dump()] + ([models] if models else []))
+        # Fields at their defaults stay out: a dsc upgrade that adds a field does not block a resume.
+        prev = hash_json([prev, spec.name, spec.config.model_dump(exclude_defaults=True)] + ([models] if models else []))
         chain.append(prev)
     return root, chain
 

@@ -76,3 +76,16 @@ def test_dsc_report_rerenders_from_run_dir(run):
     res = run_cli("report", run, "--html")
     assert res.returncode == 0, res.stderr
     assert "Selection matrix" in (run / "report.md").read_text() and (run / "report.html").is_file()
+
+
+def test_stages_without_tasks_share_the_table(tmp_path):
+    """Zero-shot on the teacher and the final model only: one table, empty cells between."""
+    stages = [dict(m) for _, m in STAGES]
+    stages[2] = {"model": {k: v for k, v in stages[2]["model"].items() if k != "zero_shot"}, "teacher": TEACHER}
+    for i, ((name, _), metrics) in enumerate(zip(STAGES, stages)):
+        d = tmp_path / "stages" / f"{i:02d}-{name}"
+        write_json(d / "stage.json", {"index": i, "name": name, "seconds": 1.0})
+        write_json(d / "metrics.json", metrics)
+    (table,) = collect_metrics(tmp_path)["evaluations"]
+    assert table["tasks"] == ["lambada", "arc"] and len(table["rows"]) == 3
+    assert table["rows"][1]["quality_retained"] is None and table["rows"][2]["quality_retained"] > 0.8

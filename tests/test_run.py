@@ -181,3 +181,18 @@ def test_iterative_pruning_records_each_plan(llama_dir, text_file, tmp_path):
     second = json.loads((out / "stages" / "02-prune" / "plan.json").read_text())
     assert first["config"]["intermediate_size"] == 48 and second["config"]["intermediate_size"] == 36
     assert json.loads((out / "model" / "config.json").read_text())["intermediate_size"] == 36
+
+
+def test_fields_at_their_defaults_keep_the_fingerprint(llama_dir, text_file, tmp_path):
+    """A dsc upgrade that adds a stage field (at its default) must not block resuming a run;
+    a field set to another value must."""
+    from dsc.runner import fingerprints
+
+    def chain(stage):
+        raw = {"teacher": str(llama_dir), "output": str(tmp_path / "out"), "stages": [stage],
+               "data": {"t": {"type": "text", "path": str(text_file), "block_size": 32, "splits": {"eval": 1.0}}}}
+        return fingerprints(validate(raw, base_dir=tmp_path))[1]
+
+    plain = chain({"evaluate": {"context_length": 32}})
+    assert chain({"evaluate": {"context_length": 32, "tasks": {}, "speed": True}}) == plain
+    assert chain({"evaluate": {"context_length": 32, "speed": False}}) != plain
