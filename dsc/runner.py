@@ -16,7 +16,7 @@ from dsc.data.pipeline import tokenizer_fingerprint
 from dsc.data.sources import source_fingerprint
 from dsc.errors import DscInputError, FieldError, RunInterrupted
 from dsc.evaluation import disk_bytes
-from dsc.fingerprint import hash_json, read_json, write_json, write_text
+from dsc.fingerprint import hash_files, hash_json, read_json, write_json, write_text
 from dsc.models import ModelRef, fingerprint as model_fingerprint, load_checkpoint, load_model, load_tokenizer, \
     replace_dir, resolve, save_model
 from dsc.recipe import Recipe
@@ -46,12 +46,15 @@ def fingerprints(recipe: Recipe) -> tuple[dict, list[str]]:
 
 
 def _stage_models(spec, base_dir: Path) -> dict:
-    """Fingerprints of the model folders a stage reads (distill.student.path): a folder edited
-    between a crash and the rerun makes that stage and the ones after it run again."""
+    """Fingerprints of the model folders and files a stage reads (distill.student.path,
+    evaluate.tasks.*.path): one edited between a crash and the rerun makes that stage and the ones
+    after it run again."""
     out = {}
     for name, path in getattr(spec.config, "model_refs", dict)().items():
         ref = ModelRef(path=path)
         out[name] = model_fingerprint(resolve(ref, base_dir, f"{spec.path}.{name}"), ref)
+    for name, path in getattr(spec.config, "file_refs", dict)().items():
+        out[name] = hash_files([Path(base_dir) / Path(path).expanduser()])
     return out
 
 

@@ -196,3 +196,17 @@ def test_fields_at_their_defaults_keep_the_fingerprint(llama_dir, text_file, tmp
     plain = chain({"evaluate": {"context_length": 32}})
     assert chain({"evaluate": {"context_length": 32, "tasks": {}, "speed": True}}) == plain
     assert chain({"evaluate": {"context_length": 32, "speed": False}}) != plain
+
+
+def test_edited_task_file_reruns_the_evaluation(llama_dir, text_file, tmp_path):
+    """A zero-shot file edited between runs changes the stage's fingerprint (its numbers would be stale)."""
+    from dsc.runner import fingerprints
+
+    items = tmp_path / "mc.jsonl"
+    items.write_text(json.dumps({"query": "a", "choices": ["b", "c"], "gold": 0}) + "\n")
+    raw = {"teacher": str(llama_dir), "output": str(tmp_path / "out"),
+           "data": {"t": {"type": "text", "path": str(text_file), "block_size": 32, "splits": {"eval": 1.0}}},
+           "stages": [{"evaluate": {"context_length": 32, "tasks": {"mc": {"type": "multiple_choice", "path": "mc.jsonl"}}}}]}
+    before = fingerprints(validate(raw, base_dir=tmp_path))[1]
+    items.write_text(json.dumps({"query": "a", "choices": ["b", "c"], "gold": 1}) + "\n")
+    assert fingerprints(validate(raw, base_dir=tmp_path))[1] != before

@@ -9,11 +9,12 @@ import torch
 from pydantic import Field, model_validator
 
 from dsc.config import Config
-from dsc.errors import FieldError
+from dsc.errors import DscInputError, FieldError, RecipeError, did_you_mean, gather
 from dsc.evaluation import param_counts, perplexity, speed, weight_bytes
 from dsc.fingerprint import hash_bytes, hash_json
 from dsc.log import Progress
 from dsc.stages import StageOutput
+from dsc.zeroshot import TASK_CLASSES, Task, evaluate_task
 
 
 class EvaluateConfig(Config):
@@ -31,6 +32,32 @@ class EvaluateConfig(Config):
     teacher: bool = Field(True, description="also measure the teacher under the same protocol (once a run)")
     int8_kernels: bool = Field(False, description="measure an int8 model (`int8` stage) on CPU int8 kernels "
                                                   "(dsc.quantize.cpu), on a copy: the stage's model is unchanged")
+    tasks: dict[str, Task] = Field(default_factory=dict, description="zero-shot tasks under lm-eval's conventions: "
+                                   "name → {type: lambada|multiple_choice|piqa, path, limit, ...} (dsc.zeroshot)")
+
+    @classmethod
+    def parse(cls, data, path: str) -> "EvaluateConfig":
+        """Tasks are parsed by their `type` first, so errors read `tasks.NAME.FIELD`."""
+        if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+            return super().parse(data, path)
+        problems, tasks = [], {}
+        for name, spec in data["tasks"].items():
+            where = f"{path}.tasks.{name}"
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            if kind not in TASK_CLASSES:
+                hint = did_you_mean(kind, TASK_CLASSES) if isinstance(kind, str) else ""
+                problems.append(DscInputError(f"{where}.type", f"must be one of {', '.join(TASK_CLASSES)}, "
+                                              f"got {kind!r}{hint}"))
+                continue
+            tasks[name] = gather(problems, TASK_CLASSES[kind].parse, spec, where)
+        cfg = gather(problems, super().parse, {**data, "tasks": {k: v for k, v in tasks.items() if v}}, path)
+        if problems:
+            raise RecipeError(problems)
+        return cfg
+
+    def file_refs(self) -> dict[str, str]:
+        """Files this stage reads (field → path), checked when the recipe is validated."""
+        return {f"tasks.{name}.{key}": p for name, task in self.tasks.items() for key, p in task.files().items()}
 
     @model_validator(mode="after")
     def _stride(self):
@@ -63,12 +90,30 @@ def measure(model, cfg: EvaluateConfig, ctx, label: str, stored: int | None = No
     bar.close()
     out = {**ppl, "protocol": protocol(cfg, data, stream), **param_counts(model),
            "weight_bytes": stored or weight_bytes(model)}
+    if cfg.tasks:
+        out["zero_shot"] = zero_shot(model, cfg, ctx, label)
     if cfg.speed:
         s = speed(model, model.config.vocab_size, cfg.speed_batch_size, cfg.prompt_length, cfg.decode_tokens,
                   cfg.repeats, seed=ctx.seed)
         out.update(s, peak_memory_bytes=out["weight_bytes"] + s["activation_peak_bytes"])
     ctx.log.info("%s: perplexity %.4f over %d tokens", label, out["perplexity"], out["tokens_scored"],
                  extra={"event": "metric", "model": label, "perplexity": out["perplexity"]})
+    return out
+
+
+def zero_shot(model, cfg: EvaluateConfig, ctx, label: str) -> dict:
+    """Each task of `cfg.tasks` under lm-eval's conventions (dsc.zeroshot)."""
+    out = {}
+    for name, task in cfg.tasks.items():
+        bar = Progress(f"{name} ({label})", 0, ctx.log)
+        res = evaluate_task(model, ctx.tokenizer, task, ctx.data.base_dir, f"tasks.{name}", bar.update)
+        bar.close()
+        extra = f", acc_norm {res['acc_norm']:.4f}" if res["acc_norm"] is not None else \
+            f", perplexity {res['perplexity']:.3f}"
+        ctx.log.info("%s: %s acc %.4f%s over %d items", label, name, res["acc"], extra, res["items"],
+                     extra={"event": "metric", "model": label, "task": name, "acc": res["acc"],
+                            "acc_norm": res["acc_norm"], "items": res["items"]})
+        out[name] = res
     return out
 
 
@@ -91,8 +136,11 @@ def apply(model, cfg: EvaluateConfig, ctx) -> StageOutput:
         metrics = {"model": measure(model, cfg, ctx, "model")}
     if cfg.teacher:
         # Keyed by everything the numbers depend on, hardware included: a resume elsewhere re-measures.
-        key = hash_json([cfg.model_dump(exclude={"teacher", "int8_kernels"}), metrics["model"]["protocol"],
-                         str(ctx.device), torch.get_num_threads()])
+        # Zero-shot protocols carry the task files' hashes; no tasks keeps the keys of earlier runs.
+        dump = cfg.model_dump(exclude={"teacher", "int8_kernels"} | (set() if cfg.tasks else {"tasks"}))
+        shots = {n: r["protocol"] for n, r in metrics["model"].get("zero_shot", {}).items()}
+        key = hash_json([dump, metrics["model"]["protocol"], str(ctx.device), torch.get_num_threads()]
+                        + ([shots] if shots else []))
         if ctx.teacher_is(model):  # nothing changed the model yet: it is the teacher
             metrics["teacher"] = ctx.baseline(key, lambda: metrics["model"])
         else:
