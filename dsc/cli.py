@@ -117,6 +117,10 @@ def cmd_stages(args, log) -> int:
             print(f"{name}: {stage.summary}")
             for f in describe_fields(stage.config):
                 print(f"  {f['name']:<18} {f['type']:<24} {f['default']:<14} {f['help']}")
+                for cls in f["nested"]:
+                    print(f"    {f['name']} entry: {cls.__name__} — {(cls.__doc__ or '').strip()}")
+                    for g in describe_fields(cls):
+                        print(f"      {g['name']:<16} {g['type']:<22} {g['default']:<14} {g['help']}")
             print()
     return 0
 

@@ -6,6 +6,8 @@ unknown keys (a misspelled key is an error with a "did you mean", never a silent
 """
 from __future__ import annotations
 
+import re
+
 from typing import Any, Iterator, Literal, get_args, get_origin
 
 import pydantic
@@ -105,11 +107,20 @@ def describe_fields(cls: type[BaseModel]) -> list[dict[str, str]]:
             type_name = "|".join(str(a) for a in get_args(ann))
         else:
             type_name = str(ann).replace("typing.", "") if get_args(ann) else getattr(ann, "__name__", str(ann))
+            type_name = re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", type_name)  # dsc.zeroshot.PiqaTask → PiqaTask
         if field.is_required():
             default = "(required)"
         elif field.default_factory is not None:
             default = repr(field.default_factory())
         else:
             default = repr(field.default)
-        rows.append({"name": name, "type": type_name, "default": default, "help": field.description or ""})
+        rows.append({"name": name, "type": type_name, "default": default, "help": field.description or "",
+                     "nested": _config_classes(ann)})
     return rows
+
+
+def _config_classes(ann) -> list[type]:
+    """Config classes inside an annotation (dict[str, A | B] → [A, B]): `dsc stages` lists their fields too."""
+    if isinstance(ann, type) and issubclass(ann, Config):
+        return [ann]
+    return [c for arg in get_args(ann) for c in _config_classes(arg)]
