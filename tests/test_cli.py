@@ -18,7 +18,7 @@ def test_stages_lists_fields_from_config_classes():
     assert res.returncode == 0
     assert "evaluate:" in res.stdout and "context_length" in res.stdout and "512" in res.stdout
     assert "cast:" in res.stdout and "bfloat16|float16|float32" in res.stdout
-    assert "tasks entry: PiqaTask" in res.stdout and "dsc.zeroshot" not in res.stdout  # nested schemas listed too
+    assert "tasks entry: PiqaTask" in res.stdout and "dsc.zeroshot.PiqaTask" not in res.stdout  # nested schemas listed too
     res = run_cli("stages", "evalute")
     assert res.returncode == ExitCode.BAD_INPUT and "did you mean evaluate" in res.stderr
 
