@@ -1,6 +1,6 @@
 """The README's demo: the flagship recipe (prune → distill → LoRA → AWQ, evaluated after each) on
 the embedded SmolLM2-135M teacher, no network. The default suite runs it on a tiny budget; the
-full recipe (≈ 40 minutes on 2 cores) is marked slow."""
+full recipe (≈ 30 minutes on 2 cores) is marked slow."""
 from __future__ import annotations
 
 import importlib.util
