@@ -21,7 +21,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from dsc.config import Config
-from dsc.data.sources import SOURCE_CLASSES, check_exists
+from dsc.data.sources import SOURCE_CLASSES, check_exists, require_file
 from dsc.errors import DscInputError, RecipeError, did_you_mean, gather
 from dsc.models import ModelRef, resolve
 from dsc.registry import STAGES
@@ -115,7 +115,7 @@ def validate(raw: Any, base_dir: Path = Path("."), default_output: str | None = 
         for name, path in getattr(spec.config, "model_refs", dict)().items():
             gather(problems, resolve, ModelRef(path=path), base_dir, f"{spec.path}.{name}")
         for name, path in getattr(spec.config, "file_refs", dict)().items():  # and files (evaluate.tasks.*.path)
-            gather(problems, _check_file, path, base_dir, f"{spec.path}.{name}")
+            gather(problems, require_file, path, base_dir, f"{spec.path}.{name}")
     output = gather(problems, _output, raw.get("output", default_output))
     if data and stages:
         gather(problems, _cross_stage, stages, data, _position_limit(teacher, base_dir))
@@ -129,13 +129,6 @@ def _model_ref(raw: Any, base_dir: Path, name: str) -> ModelRef:
     ref = ModelRef.parse({"path": raw} if isinstance(raw, str) else raw, name)
     resolve(ref, base_dir, f"{name}.path")  # a missing path or package fails now, not after minutes of work
     return ref
-
-
-def _check_file(path: str, base_dir: Path, field: str) -> None:
-    full = Path(path).expanduser()
-    full = full if full.is_absolute() else (base_dir / full).resolve()
-    if not full.is_file():
-        raise DscInputError(field, f"file not found: {full} (relative paths start at the recipe's folder)")
 
 
 def _data(raw: Any, base_dir: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import yaml
 from dsc import __version__, parallel
 from dsc.context import Context, DataStore, default_cache_dir, pick_device
 from dsc.data.pipeline import tokenizer_fingerprint
-from dsc.data.sources import source_fingerprint
+from dsc.data.sources import resolve_file, source_fingerprint
 from dsc.errors import DscInputError, FieldError, RunInterrupted
 from dsc.evaluation import disk_bytes
 from dsc.fingerprint import hash_files, hash_json, read_json, write_json, write_text
@@ -54,7 +54,7 @@ def _stage_models(spec, base_dir: Path) -> dict:
         ref = ModelRef(path=path)
         out[name] = model_fingerprint(resolve(ref, base_dir, f"{spec.path}.{name}"), ref)
     for name, path in getattr(spec.config, "file_refs", dict)().items():
-        out[name] = hash_files([Path(base_dir) / Path(path).expanduser()])
+        out[name] = hash_files([resolve_file(path, base_dir)])
     return out
 
 

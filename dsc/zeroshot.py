@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from dsc.config import Config
+from dsc.data.sources import resolve_file
 from dsc.errors import FieldError
 
 
@@ -108,11 +109,6 @@ class Item:
     where: str  # file:line, for errors
 
 
-def _resolve(path: str, base_dir: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else (Path(base_dir) / p).resolve()
-
-
 def _read(path: Path, field: str) -> bytes:
     if not path.is_file():
         raise FieldError(field, f"file not found: {path}")
@@ -161,7 +157,7 @@ def _choice_item(context: str, choices: list, gold: int, delim: str, where: str,
 def load_items(task: Task, base_dir: Path, field: str = "") -> tuple[list[Item], dict]:
     """The task's first `limit` items, and what identifies the files (names, sha256)."""
     pre = f"{field}." if field else ""
-    path = _resolve(task.path, base_dir)
+    path = resolve_file(task.path, base_dir)
     data = _read(path, pre + "path")
     lines = data.decode("utf-8").splitlines()
     facts = {"path": path.name, "sha256": hashlib.sha256(data).hexdigest()[:16],
@@ -198,7 +194,7 @@ def _mc_item(task: MultipleChoiceTask, row: dict, where: str, pre: str) -> Item:
 
 def _piqa_labels(task: PiqaTask, base_dir: Path, n_items: int, pre: str) -> tuple[list[str], dict]:
     """The labels file's lines (aligned with the items' lines), and its name and sha256."""
-    path = _resolve(task.labels_path(), base_dir)
+    path = resolve_file(task.labels_path(), base_dir)
     if not path.is_file() and task.labels is None:
         raise FieldError(pre + "labels", f"file not found: {path} (the default, <stem>-labels.lst beside path): "
                          "set `labels` to PIQA's labels file")

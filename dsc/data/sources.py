@@ -96,17 +96,28 @@ SOURCE_CLASSES = {"text": TextSource, "jsonl": JsonlSource, "parquet": ParquetSo
                   "datasets": DatasetsSource, "teacher": TeacherSource}
 
 
+def resolve_file(path: str, base_dir: Path) -> Path:
+    """A recipe's path: `~` expanded, relative paths from the recipe's folder."""
+    full = Path(path).expanduser()
+    return full if full.is_absolute() else (Path(base_dir) / full).resolve()
+
+
+def require_file(path: str, base_dir: Path, field: str) -> Path:
+    """The resolved file, or an error naming the field (missing files fail before any model loads)."""
+    full = resolve_file(path, base_dir)
+    if not full.is_file():
+        raise DscInputError(field, f"file not found: {full} (relative paths start at the recipe's folder)")
+    return full
+
+
 def resolve_path(src: Config, base_dir: Path) -> Path:
-    path = Path(src.path).expanduser()
-    return path if path.is_absolute() else (base_dir / path).resolve()
+    return resolve_file(src.path, base_dir)
 
 
 def check_exists(src: Config, base_dir: Path, field: str) -> None:
     """Missing files fail during validation, before any model loads."""
     if isinstance(src, FileSource):
-        path = resolve_path(src, base_dir)
-        if not path.is_file():
-            raise DscInputError(f"{field}.path", f"file not found: {path} (relative paths start at the recipe's folder)")
+        require_file(src.path, base_dir, f"{field}.path")
     if isinstance(src, DatasetsSource):
         path = resolve_path(src, base_dir)
         looks_local = src.path.startswith((".", "/", "~")) or path.exists()

@@ -136,11 +136,10 @@ def apply(model, cfg: EvaluateConfig, ctx) -> StageOutput:
         metrics = {"model": measure(model, cfg, ctx, "model")}
     if cfg.teacher:
         # Keyed by everything the numbers depend on, hardware included: a resume elsewhere re-measures.
-        # Zero-shot protocols carry the task files' hashes; no tasks keeps the keys of earlier runs.
-        dump = cfg.model_dump(exclude={"teacher", "int8_kernels"} | (set() if cfg.tasks else {"tasks"}))
+        # Zero-shot protocols carry the task files' hashes; defaults stay out, as in the stage fingerprints.
+        dump = cfg.model_dump(exclude={"teacher", "int8_kernels"}, exclude_defaults=True)
         shots = {n: r["protocol"] for n, r in metrics["model"].get("zero_shot", {}).items()}
-        key = hash_json([dump, metrics["model"]["protocol"], str(ctx.device), torch.get_num_threads()]
-                        + ([shots] if shots else []))
+        key = hash_json([dump, metrics["model"]["protocol"], shots, str(ctx.device), torch.get_num_threads()])
         if ctx.teacher_is(model):  # nothing changed the model yet: it is the teacher
             metrics["teacher"] = ctx.baseline(key, lambda: metrics["model"])
         else:
