@@ -18,6 +18,7 @@ from dsc import parallel
 from dsc.distill.batches import Batches
 from dsc.distill.config import TrainConfig
 from dsc.models import replace_dir
+from dsc.tracking import Tracker
 
 
 def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
@@ -57,6 +58,8 @@ class Loop:
     step: int = 0
     history: list = field(default_factory=list)
     elapsed: float = 0.0  # seconds spent in training steps (excluding evaluation and checkpoints)
+    tracker: Tracker = field(default_factory=Tracker)  # experiment tracker (rank 0's; no-op elsewhere)
+    scope: str = "train"  # metric prefix in the tracker: the stage's folder name
 
     def __post_init__(self):
         self.steps = total_steps(self.cfg, self.train.tokens_per_step)
@@ -69,6 +72,7 @@ class Loop:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
         resumed = self.load()
+        self.tracker.resume(self.scope, resumed)
         if not resumed and self.held_out is not None:
             self.evaluate()
         with _StopRequests() as stop:
@@ -136,6 +140,7 @@ class Loop:
         result = {k: round(v, 6) for k, v in parallel.mean(sums).items()}
         result["ppl"] = round(math.exp(min(result["ce"], 50.0)), 4)
         self.record({"step": self.step, "eval": result})
+        self.tracker.log(self.scope, {f"eval/{k}": v for k, v in result.items()}, self.step)
         self.log.info("eval at step %d: %s", self.step, " ".join(f"{k} {v:.4f}" for k, v in result.items()),
                       extra={"event": "train_eval", "step": self.step, **{f"eval_{k}": v for k, v in result.items()}})
         return result
@@ -149,6 +154,7 @@ class Loop:
                  **{k: round(v, 6) for k, v in parts.items()}, "lr": lr,
                  "tokens_per_s": round(tps, 1), "eta_s": round(eta, 1)}
         self.record(entry)
+        self.tracker.log(self.scope, {k: v for k, v in entry.items() if k not in ("step", "eta_s")}, self.step)
         self.log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s eta %.0fs", self.step, self.steps, parts["loss"],
                       entry["lr"], tps, eta, extra={"event": "train_progress", **entry, "total_steps": self.steps})
 

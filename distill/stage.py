@@ -7,7 +7,7 @@ import shutil
 import torch
 
 from dsc.distill import lora as peft_adapter
-from dsc import parallel
+from dsc import hf, parallel
 from dsc.distill import student as student_builder, teacher_cache
 from dsc.distill.batches import Batches
 from dsc.distill.config import DistillConfig, KDConfig, LoraConfig
@@ -90,7 +90,8 @@ def train_student(student, cfg: KDConfig, ctx) -> tuple[torch.nn.Module | None, 
         raise FieldError("parallel", str(exc)) from None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(train.seed * 1009 + parallel.rank())  # dropout; the data order has its own
-        loop = Loop(model, cfg, train, held, device, ctx.log, state_dir=ctx.work_dir)
+        loop = Loop(model, cfg, train, held, device, ctx.log, state_dir=ctx.work_dir, tracker=ctx.tracker,
+                    scope=ctx.scope)
         metrics = loop.run()
     metrics["precision"] = "bf16" if loop.amp is not None else "fp32"
     if len(objective.projections):
@@ -124,9 +125,7 @@ def _unsharded(student):
 
 def rebuilt(config, state: dict, what: str):
     """A fresh plain model of `config` holding `state` (a tied LM head may be absent from it)."""
-    from transformers import AutoModelForCausalLM
-
-    plain = AutoModelForCausalLM.from_config(config)
+    plain = hf.causal_lm_from_config(config)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     tied = {k for k in missing if plain.config.tie_word_embeddings and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dsc import hf
 from dsc.distill.config import StudentConfig
 from dsc.errors import DscInputError, FieldError, did_you_mean
 
@@ -16,14 +17,12 @@ INHERITED = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "max_
 
 
 def _config_class(model_type: str):
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        hint = did_you_mean(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    classes = hf.causal_lm_config_classes()
+    if model_type not in classes:
+        hint = did_you_mean(model_type, classes)
         raise ValueError(f"model_type {model_type!r} has no causal LM in transformers{hint} (e.g. llama, qwen2, "
                          "mistral)")
-    return CONFIG_MAPPING[model_type]
+    return classes[model_type]
 
 
 def _fields(config_cls) -> set[str]:
@@ -80,16 +79,14 @@ def _check_vocab(size: int, teacher, where: str) -> None:
 
 
 def _from_config(spec: StudentConfig, teacher, seed: int):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     t = teacher.config.get_text_config()
     given = {k: v for k, v in spec.config.items() if k != "model_type"}
     inherited = {k: getattr(t, k) for k in INHERITED if getattr(t, k, None) is not None and k not in given}
-    config = AutoConfig.for_model(spec.config["model_type"], **inherited, **given)
+    config = hf.config_for_model(spec.config["model_type"], **inherited, **given)
     _check_vocab(config.get_text_config().vocab_size, teacher, "student.config.vocab_size")  # before allocating
     with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's generator
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = hf.causal_lm_from_config(config, dtype=torch.float32)
     if spec.init == "teacher_embeddings":
         _copy_embeddings(model, teacher)
     return model

@@ -1,4 +1,5 @@
-"""The `dsc` command line. Exit codes: 0 done, 1 failure, 2 bad input, 3 interrupted."""
+"""The `dsc` command line. Exit codes: 0 done, 1 failure, 2 bad input, 3 interrupted, 4 the Hub
+could not be reached or refused."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from dsc.errors import DscError, ExitCode
 
-EPILOG = "exit codes: 0 done, 1 failure, 2 bad input (recipe, paths, model, run directory), 3 interrupted (rerun to resume)"
+EPILOG = ("exit codes: 0 done, 1 failure, 2 bad input (recipe, paths, model, run directory), 3 interrupted (rerun to "
+          "resume), 4 the Hub could not be reached or refused (dsc push: retry later)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="render report.md (and --html) again from a run directory")
     rep.add_argument("output")
     rep.add_argument("--html", action="store_true")
+    push = sub.add_parser("push", help="upload OUT/model with its model card to a Hugging Face Hub repo", epilog=EPILOG)
+    push.add_argument("output", help="run directory (its model/ folder is pushed) or a model folder")
+    push.add_argument("repo_id", help="Hub model repo, e.g. me/smollm2-lite (created when missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
     return p
 
 
@@ -149,7 +155,19 @@ def cmd_report(args, log) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "stages": cmd_stages, "eval": cmd_eval, "report": cmd_report}
+def cmd_push(args, log) -> int:
+    from dsc import hub
+
+    folder = Path(args.output)
+    folder = folder / "model" if (folder / "model").is_dir() else folder
+    url = hub.push(folder, args.repo_id, private=args.private)
+    log.info("pushed %s to %s", folder, url, extra={"event": "pushed", "repo_id": args.repo_id, "url": url})
+    print(json.dumps({"url": url}) if args.log_format == "json" else url)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "stages": cmd_stages, "eval": cmd_eval, "report": cmd_report,
+            "push": cmd_push}
 
 if __name__ == "__main__":
     sys.exit(main())

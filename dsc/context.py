@@ -18,6 +18,7 @@ from dsc.data.sources import TeacherSource
 from dsc.errors import DscInputError, did_you_mean
 from dsc.fingerprint import read_json, weights_fingerprint, write_json
 from dsc.log import Progress
+from dsc.tracking import Tracker
 
 
 def default_cache_dir(configured: str | None = None, base_dir: Path = Path(".")) -> Path:
@@ -88,6 +89,8 @@ class Context:
     work_dir: Path | None = None  # the running stage's checkpoints: survive a kill, removed once it finishes
     baseline_dir: Path | None = None  # where teacher measurements are kept across stages and resumes
     teacher_loader: Callable[[], Any] | None = None
+    tracker: Tracker = field(default_factory=Tracker)  # the recipe's `tracking` (no-op without)
+    scope: str = "train"  # the running stage's folder name (NN-name): its metrics' prefix
     _teacher: Any = None
     _baselines: dict[str, dict] = field(default_factory=dict)
 

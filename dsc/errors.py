@@ -16,10 +16,17 @@ class ExitCode(IntEnum):
     FAILURE = 1  # a bug or an environment failure: worth a retry or a report
     BAD_INPUT = 2  # the recipe, a path, the model or the run directory needs fixing
     INTERRUPTED = 3  # SIGINT / SIGTERM: rerun to resume
+    UNAVAILABLE = 4  # a remote service (the Hugging Face Hub) could not be reached or refused: retry later
 
 
 class DscError(Exception):
     exit_code = ExitCode.FAILURE
+
+
+class RemoteError(DscError):
+    """The Hub (or another remote service) could not be reached, or refused the request."""
+
+    exit_code = ExitCode.UNAVAILABLE
 
 
 class DscInputError(DscError):

@@ -4,7 +4,6 @@ and the benchmarks, so the teacher and every Lite model are measured by the same
 from __future__ import annotations
 
 import ctypes
-import inspect
 import math
 import statistics
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from dsc import hf
 
 
 def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -166,7 +167,7 @@ def speed(model, vocab_size: int, batch_size: int, prompt_length: int, decode_to
     ids = torch.randint(0, vocab_size, (batch_size, prompt_length), generator=gen).to(device)
     prefill, decode = [], []
     # Generation needs only the last position's logits: skip the (B, T, V) tensor where supported.
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = hf.keep_logits(model, 1)
     with PeakMemory(device) as mem:
         for rep in range(repeats + 1):  # rep 0 warms up kernels and allocator
             _sync(device)
@@ -174,10 +175,10 @@ def speed(model, vocab_size: int, batch_size: int, prompt_length: int, decode_to
             out = model(input_ids=ids, use_cache=True, **keep)
             _sync(device)
             t1 = time.perf_counter()
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            past, token = hf.output_cache(out), out.logits[:, -1:].argmax(-1)
             for _ in range(decode_tokens):
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=token, use_cache=True, **hf.cache_kwargs(model, past))
+                past, token = hf.output_cache(out), out.logits[:, -1:].argmax(-1)
             _sync(device)
             t2 = time.perf_counter()
             if rep:

@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from dsc import hf
+
 _RESERVED = set(vars(logging.makeLogRecord({})))
 
 
@@ -34,12 +36,10 @@ def setup_logging(fmt: str = "text", level: str = "info") -> logging.Logger:
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
-    from transformers.utils import logging as hf_logging
-
     if fmt == "json" or not sys.stderr.isatty():
         # transformers draws its own bars (weight loading, and plain tqdm for GGUF dequantization):
         # none of them belong in a job's log. The CLI owns this process, so it may set these.
-        hf_logging.disable_progress_bar()
+        hf.quiet_progress_bars()
         os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm only when it is first imported, so also:
         import functools
 
@@ -57,8 +57,7 @@ def setup_logging(fmt: str = "text", level: str = "info") -> logging.Logger:
             tqdm.std.tqdm.__init__ = quiet_init
             tqdm.std.tqdm._dsc_quiet = True
     if fmt == "json":  # third-party warnings become JSON lines too
-        hf_logging.disable_default_handler()
-        hf_logging.add_handler(handler)
+        hf.log_through(handler)
         logging.captureWarnings(True)
         logging.getLogger("py.warnings").addHandler(handler)
     return logger

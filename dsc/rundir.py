@@ -6,7 +6,10 @@
     OUT/baseline/         teacher measurements, one file per evaluation protocol
     OUT/work/NN-name-FP/  checkpoints of a training stage in progress (a resume continues from
                           them; FP is the stage's fingerprint, so a changed recipe never does)
-    OUT/model/            the final Lite model
+    OUT/model/            the final Lite model (with its model card, README.md)
+    OUT/tracking.json     the tracked run (MLflow run id, stages logged); by default OUT/tensorboard/
+                          (cleared by --fresh), or OUT/mlflow.db + OUT/mlartifacts/ (kept: a fresh
+                          run is a new MLflow run beside the old ones)
     OUT/metrics.json, OUT/report.md (+ .html), OUT/quality_vs_size.png, OUT/quality_vs_speed.png
 
 A stage is written into `stages/.tmp-NN-name` and renamed when complete, so its folder exists
@@ -22,7 +25,7 @@ from pathlib import Path
 from dsc.errors import DscInputError
 from dsc.fingerprint import read_json
 
-RUN_FILES = ("manifest.json", "recipe.yaml", "metrics.json", "report.md", "report.html", "quality_vs_size.png",
+RUN_FILES = ("manifest.json", "recipe.yaml", "tracking.json", "metrics.json", "report.md", "report.html", "quality_vs_size.png",
              "quality_vs_speed.png")
 
 
@@ -69,7 +72,7 @@ class RunDir:
 
     def clear(self, keep_work: bool = False) -> None:
         """--fresh: remove everything a previous run wrote (the lock stays held)."""
-        for name in ("stages", "baseline", "model", "data") + (() if keep_work else ("work",)):
+        for name in ("stages", "baseline", "model", "data", "tensorboard") + (() if keep_work else ("work",)):
             shutil.rmtree(self.path / name, ignore_errors=True)
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)

@@ -10,19 +10,21 @@ from pathlib import Path
 
 import yaml
 
-from dsc import __version__, parallel
+from dsc import __version__, hf, parallel
 from dsc.context import Context, DataStore, default_cache_dir, pick_device
 from dsc.data.pipeline import tokenizer_fingerprint
 from dsc.data.sources import resolve_file, source_fingerprint
 from dsc.errors import DscInputError, FieldError, RunInterrupted
 from dsc.evaluation import disk_bytes
 from dsc.fingerprint import hash_files, hash_json, read_json, write_json, write_text
-from dsc.models import ModelRef, fingerprint as model_fingerprint, load_checkpoint, load_model, load_tokenizer, \
+from dsc import hub
+from dsc.models import ModelRef, card_facts, fingerprint as model_fingerprint, load_checkpoint, load_model, load_tokenizer, \
     replace_dir, resolve, save_model
 from dsc.recipe import Recipe
 from dsc.registry import STAGES
 from dsc.report import collect_metrics, write_report
 from dsc.rundir import RunDir
+from dsc.tracking import Tracker, open_tracker
 
 
 def fingerprints(recipe: Recipe) -> tuple[dict, list[str]]:
@@ -60,9 +62,8 @@ def _stage_models(spec, base_dir: Path) -> dict:
 
 def versions() -> dict:
     import torch
-    import transformers
 
-    return {"dsc": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"dsc": __version__, "torch": torch.__version__, "transformers": hf.version(),
             "python": platform.python_version()}
 
 
@@ -104,11 +105,20 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, fresh: bool = F
         update_manifest(out, recipe, root, start, log)
         if start:
             log.info("resuming %s after %d finished stage(s)", out.path, start, extra={"event": "resume", "start": start})
+        tracker = open_tracker(recipe.tracking, recipe.base_dir, out.path)
+        status = "FAILED"
         try:
-            _run_stages(recipe, out, start, chain, root, log)
+            tracker.start({"recipe": recipe.to_dict(), "versions": versions()},
+                          yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            for i in range(start):  # finished before a kill, perhaps before they were logged
+                _track_stage(tracker, out, recipe, i)
+            _run_stages(recipe, out, start, chain, root, log, tracker)
+            status = "FINISHED"
         except KeyboardInterrupt:
+            status = "KILLED"
             raise RunInterrupted(f"interrupted; finished stages are kept in {out.stages}: rerun to resume") from None
         finally:
+            tracker.close(status)
             out.remove_partial()
     parallel.broadcast(None)  # release the other processes (a failure ends them through the launcher)
     return out.path
@@ -195,7 +205,14 @@ def file_stats(folder: Path) -> dict[str, list[int]]:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root: dict, log) -> None:
+def _track_stage(tracker: Tracker, out: RunDir, recipe: Recipe, i: int) -> None:
+    folder = out.stage_dir(i, recipe.stages[i].name)
+    tracker.stage_done(out.path, i, folder.name, read_json(folder / "metrics.json"), recipe.stages[i].name == "evaluate")
+
+
+def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root: dict, log,
+                tracker: Tracker | None = None) -> None:
+    tracker = tracker or Tracker()
     todo = list(range(start, len(recipe.stages)))
     last = last_checkpoint(recipe, len(recipe.stages))
     first = "teacher" if recipe.student is None else "student"
@@ -207,9 +224,12 @@ def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root:
         shutil.rmtree(out.model, ignore_errors=True)  # never leave a model that is not this recipe's
     # Copying a finished checkpoint to OUT/model needs no model, tokenizer or data.
     session = _Session(recipe, out, root, log) if todo or (publish and last is None) else None
+    if session is not None:
+        session.ctx.tracker = tracker
     model = session.working_model(start) if todo else None
     for i in todo:
         model = _run_stage(i, recipe, out, chain[i], model, session, log)
+        _track_stage(tracker, out, recipe, i)
         write_json(out.path / "metrics.json", collect_metrics(out.path))
         write_report(out.path)
     if publish:
@@ -228,7 +248,7 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
     if stage.changes_model and getattr(spec.config, "edits_input", True):
         ctx.forget_teacher_if(model)  # the stage may edit the model in place: the teacher reloads
     work = out.work_dir(i, spec.name, fingerprint)
-    ctx.stage_dir, ctx.work_dir = tmp, work
+    ctx.stage_dir, ctx.work_dir, ctx.scope = tmp, work, final.name
     log.info("stage %d/%d: %s", i + 1, len(recipe.stages), spec.name,
              extra={"event": "stage_start", "index": i, "stage": spec.name})
     if stage.distributed and parallel.active():
@@ -245,6 +265,7 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
     metrics, info = dict(result.metrics), {"files": None}
     if stage.changes_model:
         save_model(result.model, ctx.tokenizer, tmp / "model")
+        write_card(recipe, out, tmp / "model", i, final=False)
         metrics["checkpoint_disk_bytes"] = disk_bytes(tmp / "model")
         info["files"] = file_stats(tmp / "model")
     write_json(tmp / "metrics.json", metrics)
@@ -273,6 +294,27 @@ def _publish_final(recipe: Recipe, out: RunDir, model, session: _Session, last: 
         shutil.copytree(verified_checkpoint(out, recipe, last), tmp)
     else:
         save_model(model if model is not None else session.working_model(0), session.tokenizer, tmp)
+    write_card(recipe, out, tmp, last, final=True)
     write_json(tmp / "dsc_source.json", origin)
     replace_dir(tmp, out.model)
+
+
+def write_card(recipe: Recipe, out: RunDir, folder: Path, upto: int | None, final: bool) -> Path:
+    """The model card (README.md) of the model in `folder`, made by the stages up to `upto` (None:
+    the teacher or student itself), with the evaluations finished so far. `final`: OUT/model (named
+    after the run), else stage `upto`'s checkpoint."""
+    metrics = collect_metrics(out.path)
+    applied = [{"index": i, "name": s.name, "config": s.config.model_dump(exclude_defaults=True)}
+               for i, s in enumerate(recipe.stages) if upto is not None and i <= upto and STAGES[s.name].changes_model]
+    start = recipe.student or recipe.teacher
+    # Rows that measured this very model: evaluate stages after its last change (the teacher's row
+    # when no stage changed it).
+    own = [(r, t) for t in metrics["evaluations"] for r in t["rows"]
+           if (r["stage"] is not None and r["stage"] > (-1 if upto is None else upto))
+           or (upto is None and recipe.student is None and r["label"] == "teacher")]
+    title = out.path.name if final else f"{out.path.name}: stage {upto} ({recipe.stages[upto].name})"
+    text = hub.card_text(title=title, teacher=card_facts(start, resolve(start, recipe.base_dir)), stages=applied,
+                         tables=metrics["evaluations"], own_rows=own, quant=hub.quantization(folder),
+                         recipe_yaml=yaml.safe_dump(recipe.to_dict(), sort_keys=False), version=__version__)
+    return hub.write_card(folder, text)
 

@@ -18,7 +18,6 @@ What lm-eval does, and so what this does:
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import string
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
+from dsc import hf
 from dsc.config import Config
 from dsc.data.sources import resolve_file
 from dsc.errors import FieldError
@@ -281,10 +281,9 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     (B, T, V) tensor over a 49k-token vocabulary is never built. Results equal one request at a
     time to float rounding."""
     limit = max_length(model)
-    params = inspect.signature(model.forward).parameters
-    keep = "logits_to_keep" in params
+    keep = hf.supports_logits_to_keep(model)
     by_context: dict[tuple, list[int]] = {}
-    if keep and "past_key_values" in params:
+    if shares_contexts(model):
         for i, (ctx, cont) in enumerate(requests):
             if len(ctx) + len(cont) <= limit + 1:  # not truncated: the context is a true prefix
                 by_context.setdefault(tuple(ctx), []).append(i)
@@ -312,6 +311,12 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
         if progress:
             progress(done, len(requests))
     return results
+
+
+def shares_contexts(model) -> bool:
+    """Whether a shared context can run once for all its continuations: the forward must take a
+    KV cache back and keep only the last position's logits."""
+    return hf.supports_logits_to_keep(model) and hf.cache_argument(model) is not None
 
 
 def _chunks(groups: list[list[int]], requests, size: int) -> list[list[list[int]]]:
@@ -361,10 +366,10 @@ def _shared_batch(model, requests, groups: list[list[int]], results: list) -> No
     rows = [(g, i) for g, members in enumerate(groups) for i in members]
     tails = [requests[i][1][:-1] for _, i in rows]  # what follows the context in the input: cont minus its last
     if any(tails):
-        cache = out.past_key_values
+        cache = hf.output_cache(out)
         cache.batch_select_indices(torch.tensor([g for g, _ in rows], device=device))
         ids = _padded([t or [0] for t in tails], device)  # (R, Tk), right-padded
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids, use_cache=True, **hf.cache_kwargs(model, cache)).logits
         tail = F.log_softmax(logits.float(), dim=-1)  # (R, Tk, V)
     for r, (g, i) in enumerate(rows):
         cont = requests[i][1]

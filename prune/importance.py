@@ -20,12 +20,12 @@ activation is kept, so peak memory is the model plus one forward's activations.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from dsc import hf
 from dsc.errors import FieldError
 from dsc.prune import experts as moe_experts
 from dsc.structure import Structure
@@ -133,7 +133,7 @@ def calibrate(model: nn.Module, structure: Structure, batches, block_influence: 
             block = layer.module.get_submodule(structure.family.mlp)
             hooks.append(block.register_forward_pre_hook(moe_experts.capture(inputs[layer.index], moe_inputs)))
     # Only the hooks' statistics matter: skip the (B, T, vocab) logits where the model allows it.
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = hf.keep_logits(model, 1)
     if stop_after is not None:  # the layers after it need not run
         hooks.append(stop_after.register_forward_hook(_stop))
     try:

@@ -8,6 +8,7 @@ import tempfile
 
 import torch
 
+from dsc import hf
 from dsc.errors import FieldError
 
 
@@ -25,13 +26,11 @@ def unavailable(what: str) -> str | None:
 def reload(model, **quant):
     """`model` saved and loaded back on the current CUDA device with BitsAndBytesConfig(**quant);
     the float copy leaves accelerator memory first."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     dtype = next(model.parameters()).dtype
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         model.to("cpu")
-        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=BitsAndBytesConfig(**quant), dtype=dtype,
+        return hf.causal_lm_from_pretrained(tmp, quantization_config=hf.bitsandbytes_config(**quant), dtype=dtype,
                                                     device_map={"": torch.cuda.current_device()})
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dsc import hf
+
 
 class _Captured(Exception):
     """Raised by the hook on layer 0: the rest of the model need not run during capture."""
@@ -39,7 +41,7 @@ def capture(model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor, batch
     inputs: Inputs = []
 
     def hook(_module, args, kwargs):
-        inputs.append((args, {k: v for k, v in kwargs.items() if k != "past_key_values"}))
+        inputs.append((args, hf.without_cache(kwargs)))
         raise _Captured
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dsc import hf
+
 from dsc.quantize.experts import ATTR, QuantizedExperts, is_fused
 from dsc.quantize.grid import Grid, Quantized
 
@@ -107,10 +109,8 @@ def _split(model: nn.Module, key: str, t: torch.Tensor) -> dict[str, torch.Tenso
     linears (their names without `.weight` → their rows) by transformers' conversion mapping run
     backwards (what save_pretrained does to float experts); None where the family's checkpoints keep
     experts fused. Only rows and experts move, so scales and packed codes split like weights."""
-    from transformers.core_model_loading import revert_weight_conversion  # transformers internals: only here
-
     with _as_built(model):
-        out = revert_weight_conversion(model, {key: t})
+        out = hf.revert_weight_conversion(model, {key: t})
     if key in out or not all(k.endswith(".weight") for k in out):
         return None
     return {k.removesuffix(".weight"): v for k, v in out.items()}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dsc import hf
 from dsc.data.sources import SPLITS, TeacherSource, read_documents, source_fingerprint
 from dsc.errors import DscInputError
 from dsc.fingerprint import hash_bytes, hash_json
@@ -136,14 +137,12 @@ def _save_atomic(path: Path, tokens: torch.Tensor) -> None:
 @torch.inference_mode()
 def sample_from_teacher(model, tokenizer, src: TeacherSource, seed: int, progress=None) -> torch.Tensor:
     """Sample `num_sequences` × `length` tokens from the teacher; returns the EOS-joined stream."""
-    from transformers import GenerationConfig
-
     device = next(model.parameters()).device
     start = tokenizer(src.prompt, add_special_tokens=False)["input_ids"] if src.prompt else []
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     prefix = torch.tensor([bos] + start, device=device)
     eos = tokenizer.eos_token_id
-    gen = GenerationConfig(do_sample=True, temperature=src.temperature, top_k=src.top_k, top_p=1.0,
+    gen = hf.generation_config(do_sample=True, temperature=src.temperature, top_k=src.top_k, top_p=1.0,
                            max_new_tokens=src.length, min_new_tokens=src.length,
                            pad_token_id=eos if eos is not None else 0, eos_token_id=eos)
     pieces = []
