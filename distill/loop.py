@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import shutil
 import signal
 import threading
 import time
@@ -17,6 +19,7 @@ import torch
 from dsc import parallel
 from dsc.distill.batches import Batches
 from dsc.distill.config import TrainConfig
+from dsc.fingerprint import file_hash
 from dsc.models import replace_dir
 from dsc.tracking import Tracker
 
@@ -180,7 +183,8 @@ class Loop:
             tmp.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model_sd, "optimizer": optim_sd, "rng": rngs}, tmp / "state.pt")
             meta = {"step": self.step, "steps": self.steps, "elapsed": self.elapsed, "world": self.train.world,
-                    "scheduler": self.scheduler.state_dict(), "history": self.history}
+                    "scheduler": self.scheduler.state_dict(), "history": self.history,
+                    "state_sha256": file_hash(tmp / "state.pt")}
             (tmp / "meta.json").write_text(json.dumps(meta))
             replace_dir(tmp, self._ckpt)
         parallel.barrier()
@@ -190,12 +194,12 @@ class Loop:
         """Resume from the last checkpoint, if any; returns the step resumed at (0: fresh)."""
         if self.state_dir is None:
             return 0
-        if not (self._ckpt / "meta.json").is_file():
+        loaded = self._read_checkpoint() if (self._ckpt / "meta.json").is_file() else None
+        if loaded is None:
             if parallel.rank() == 0:  # a run killed before its first checkpoint logged steps that restart now
                 (self.state_dir / "train_log.jsonl").unlink(missing_ok=True)
             return 0
-        meta = json.loads((self._ckpt / "meta.json").read_text())
-        state = torch.load(self._ckpt / "state.pt", map_location="cpu", weights_only=True)
+        meta, state = loaded
         parallel.load_trainable_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
         if meta["world"] != self.train.world:
@@ -211,6 +215,26 @@ class Loop:
         self.log.info("resuming training at step %d/%d", self.step, self.steps,
                       extra={"event": "train_resume", "step": self.step})
         return self.step
+
+
+    def _read_checkpoint(self) -> tuple[dict, dict] | None:
+        """(meta, state) of the last checkpoint, or None when it is damaged (then training starts
+        over: the checkpoint is dsc's own, and a wrong one must not be resumed from)."""
+        try:
+            meta = json.loads((self._ckpt / "meta.json").read_text())
+            want = meta.get("state_sha256")
+            if want is not None and file_hash(self._ckpt / "state.pt") != want:
+                raise ValueError("state.pt differs from what was saved (its sha256 changed)")
+            state = torch.load(self._ckpt / "state.pt", map_location="cpu", weights_only=True)
+            meta["step"], meta["scheduler"], meta["history"]  # noqa: B018 - present, or damaged
+            return meta, state
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            self.log.warning("training checkpoint %s is damaged (%s: %s): training this stage from the start",
+                             self._ckpt, type(exc).__name__, exc, extra={"event": "damaged", "path": str(self._ckpt)})
+            parallel.barrier()  # every rank has read it before rank 0 removes it
+            if parallel.rank() == 0:
+                shutil.rmtree(self._ckpt, ignore_errors=True)
+            return None
 
 
 class _StopRequests:

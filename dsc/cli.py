@@ -75,6 +75,16 @@ def _run_command(args, log) -> int:
     except KeyboardInterrupt:
         log.error("interrupted: rerun the same command to resume", extra={"event": "error", "exit_code": 3})
         return int(ExitCode.INTERRUPTED)
+    except OSError as exc:  # a path the filesystem refuses, a read-only or full disk: the user's to fix
+        from dsc.paths import USER_ERRNOS, refused
+
+        if exc.errno not in USER_ERRNOS:
+            log.exception("failed", extra={"event": "error", "exit_code": 1})
+            return int(ExitCode.FAILURE)
+        err = refused(exc, "path")
+        log.error("%s", err, extra={"event": "error", "kind": "DscInputError", "exit_code": int(err.exit_code),
+                                    "path": str(exc.filename)})
+        return int(err.exit_code)
     except Exception:  # noqa: BLE001 - the one place that turns a crash into exit code 1
         log.exception("failed", extra={"event": "error", "exit_code": 1})
         return int(ExitCode.FAILURE)
@@ -90,24 +100,38 @@ def cmd_run(args, log) -> int:
     from dsc.recipe import load_recipe
     from dsc.runner import run_recipe
 
-    recipe = load_recipe(args.recipe)
-    out = run_recipe(recipe, output=args.output, fresh=args.fresh, log=log)
-    print(out / "report.md")
+    recipe = load_recipe(args.recipe, output=args.output)  # -o is validated like the recipe's own output
+    out = run_recipe(recipe, fresh=args.fresh, log=log)
+    _print(args, {"output": str(out), "report": str(out / "report.md"),
+                  "model": str(out / "model") if (out / "model").is_dir() else None}, str(out / "report.md"))
     return 0
+
+
+def _print(args, obj, text: str) -> None:
+    """A command's result on stdout: one JSON object (--log-format json) or plain text."""
+    print(json.dumps(obj, default=str) if args.log_format == "json" else text, flush=True)
 
 
 def cmd_validate(args, log) -> int:
     from dsc.errors import DscInputError
     from dsc.recipe import load_recipe
 
+    from dsc.errors import RecipeError
+
     bad = 0
     for path in args.recipes:
         try:
             recipe = load_recipe(path)
-            print(f"{path}: ok ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
+            _print(args, {"recipe": path, "ok": True, "stages": [s.name for s in recipe.stages]},
+                   f"{path}: ok ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
         except DscInputError as exc:
             bad += 1
-            print(f"{path}: invalid\n" + "\n".join(f"  {line}" for line in str(exc).splitlines()), file=sys.stderr)
+            problems = exc.problems if isinstance(exc, RecipeError) else [exc]
+            if args.log_format == "json":
+                _print(args, {"recipe": path, "ok": False,
+                              "problems": [{"path": p.path, "message": p.message} for p in problems]}, "")
+            else:
+                print(f"{path}: invalid\n" + "\n".join(f"  {line}" for line in str(exc).splitlines()), file=sys.stderr)
     return ExitCode.BAD_INPUT if bad else 0
 
 
@@ -134,11 +158,21 @@ def cmd_stages(args, log) -> int:
 def cmd_eval(args, log) -> int:
     from dsc.evaluate_cli import evaluate_model_cli
 
+    from dsc import paths
+    from dsc.errors import DscInputError
+
+    if args.json_out:  # checked before the work, not after it
+        target = Path(args.json_out)
+        if paths.kind(target, "--json") == "dir" or paths.kind(target.parent, "--json") not in ("dir",):
+            raise DscInputError("--json", f"cannot write {target}: its folder must exist and it must not be a folder")
     metrics = evaluate_model_cli(args, log)
     text = json.dumps(metrics, indent=2, default=str)
-    print(text)
+    _print(args, metrics, text)
     if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+        try:
+            Path(args.json_out).write_text(text + "\n")
+        except OSError as exc:
+            raise paths.refused(exc, "--json", args.json_out) from None
     return 0
 
 
@@ -151,7 +185,8 @@ def cmd_report(args, log) -> int:
     if not (run / "stages").is_dir():
         raise DscInputError("output", f"{run} is not a dsc run directory (no stages/ folder)")
     write_json(run / "metrics.json", collect_metrics(run))
-    print(write_report(run, html_too=args.html))
+    report = write_report(run, html_too=args.html)
+    _print(args, {"report": str(report)}, str(report))
     return 0
 
 

@@ -17,9 +17,10 @@ from dsc.errors import DscInputError, did_you_mean
 
 
 class Config(BaseModel):
-    """Frozen, strict base for every recipe section and stage config."""
+    """Frozen, strict base for every recipe section and stage config: no text read as a number
+    or a boolean (`"1024"`, `"yes"`), no boolean taken for an integer, finite floats only."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
 
     @classmethod
     def parse(cls, data: Any, path: str) -> "Config":
@@ -34,6 +35,28 @@ class Config(BaseModel):
             from dsc.errors import RecipeError
 
             raise RecipeError(list(translate_errors(exc, cls, path))) from None
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(value: str | None, allow_auto: bool = True) -> str | None:
+    """A torch device name: cpu, cuda, cuda:N, mps (and auto where the field allows it)."""
+    if value is not None and (not DEVICE.fullmatch(value) or (value == "auto" and not allow_auto)):
+        raise ValueError(f"must be {'auto, ' if allow_auto else ''}cpu, cuda, cuda:N (N a number) or mps")
+    return value
+
+
+def check_regexes(patterns: list[str], prefix: str | None = None) -> list[str]:
+    """Each pattern compiles (with `prefix`, only the ones that carry it, the prefix removed)."""
+    for p in patterns:
+        if prefix is not None and not p.startswith(prefix):
+            continue
+        try:
+            re.compile(p.removeprefix(prefix) if prefix else p)
+        except re.error as exc:
+            raise ValueError(f"{p!r} is not a valid regular expression: {exc}") from None
+    return patterns
 
 
 def _join(path: str, loc: tuple) -> str:
@@ -74,7 +97,22 @@ _TEMPLATES = {
     "dict_type": "must be a mapping",
     "list_type": "must be a list",
     "missing": "required field is missing",
+    "finite_number": "must be a finite number",
+    "int_from_bool": "must be an integer",
 }
+NUMBER_KINDS = ("int_type", "int_parsing", "float_type", "float_parsing", "int_from_float")
+
+
+def _hint(kind: str, value: Any) -> str:
+    """Why YAML gave this value the wrong type, and how to write it."""
+    if kind in NUMBER_KINDS + ("bool_type", "bool_parsing") and isinstance(value, str):
+        if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+            mantissa, exp = re.split("[eE]", value.strip())
+            return f" (YAML reads {value} as text: write {mantissa if '.' in mantissa else mantissa + '.0'}e{exp})"
+        return " (a quoted value is text: write it without quotes)"
+    if kind in NUMBER_KINDS and isinstance(value, bool):
+        return " (true / false is not a number)"
+    return ""
 
 
 def translate_errors(exc: pydantic.ValidationError, cls: type[BaseModel], path: str) -> Iterator[DscInputError]:
@@ -94,7 +132,7 @@ def translate_errors(exc: pydantic.ValidationError, cls: type[BaseModel], path: 
         else:
             msg = str(err["msg"]).removeprefix("Value error, ")
         if kind != "missing":
-            msg += f", got {err['input']!r}"
+            msg += f", got {err['input']!r}{_hint(kind, err['input'])}"
         yield DscInputError(where, msg)
 
 

@@ -37,6 +37,44 @@ def hash_files(paths: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, list]:
+    """name → [size, sha256] of every file in `folder` (not recursive): what a run directory
+    records of the checkpoints and models it wrote, to verify them before it trusts them."""
+    return {p.name: [p.stat().st_size, file_hash(p)] for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name not in skip}
+
+
+def folder_matches(folder: Path, recorded: dict, skip: tuple[str, ...] = ()) -> str | None:
+    """None when `folder` holds exactly the recorded files, else what differs. Entries written by
+    dsc before 0.2 record [size, mtime_ns] instead of [size, sha256]: compared as such."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} is missing"
+    have = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in skip)
+    if have != sorted(recorded):
+        gone, extra = sorted(set(recorded) - set(have)), sorted(set(have) - set(recorded))
+        return f"files {'missing: ' + ', '.join(gone) if gone else ''}{'; ' if gone and extra else ''}" \
+               f"{'added: ' + ', '.join(extra) if extra else ''}"
+    for name, (size, check) in sorted(recorded.items()):
+        p = folder / name
+        st = p.stat()
+        if st.st_size != size:
+            return f"{name} has {st.st_size} bytes, {size} were written"
+        if isinstance(check, str) and file_hash(p) != check:
+            return f"{name} differs from what was written (its sha256 changed)"
+        if isinstance(check, int) and st.st_mtime_ns != check:
+            return f"{name} changed since it was written"
+    return None
+
+
 def weights_fingerprint(model) -> str:
     """sha256 over a model's state dict (names, dtypes, bytes): identifies in-memory weights."""
     h = hashlib.sha256()

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from dsc import hf
+from dsc import hf, paths
 from dsc.config import Config
 from dsc.errors import DscInputError
 from dsc.fingerprint import hash_files
@@ -65,12 +65,13 @@ def resolve(ref: ModelRef, base_dir: Path, field: str = "teacher.path") -> Sourc
     path = Path(os.path.expanduser(name))
     if not path.is_absolute():
         path = base_dir / path
+    found = paths.kind(path, field)
     if path.suffix == ".gguf":
-        if not path.is_file():
+        if found != "file":
             raise DscInputError(field, f"GGUF file not found: {path}")
         return Source("gguf", str(path.parent), path.name)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
+    if found == "dir":
+        if paths.kind(path / "config.json", field) != "file":
             raise DscInputError(field, f"{path} is not a Hugging Face model directory (no config.json)")
         return Source("dir", str(path))
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any
 
-import yaml
 from pydantic import Field, field_validator
 
-from dsc.config import Config
+from dsc import paths, yamlio
+from dsc.config import Config, check_device
 from dsc.data.sources import SOURCE_CLASSES, check_exists, require_file
 from dsc.errors import DscInputError, RecipeError, did_you_mean, gather
 from dsc.models import ModelRef, resolve
 from dsc.registry import STAGES
+from dsc.rundir import check_output
 from dsc.tracking import TrackingConfig
 
 TOP_LEVEL = ("teacher", "student", "data", "stages", "output", "seed", "device", "cache_dir", "tracking")
@@ -79,23 +81,18 @@ class _Top(Config):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
-        return v
+        return check_device(v)
 
 
 def load_recipe(path: str | Path, output: str | None = None) -> Recipe:
     """Read and validate a recipe file. `output` (a CLI override) is relative to the CWD."""
     path = Path(path)
-    if not path.is_file():
+    if paths.kind(path, "recipe") != "file":
         raise DscInputError("recipe", f"file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise DscInputError("recipe", f"{path} is not valid YAML: {exc}") from None
-    if output is not None:  # the CLI's -o replaces the directory, keeps the other output fields
-        kept = raw.get("output") if isinstance(raw, dict) and isinstance(raw.get("output"), dict) else {}
-        raw = dict(raw or {}, output={**kept, "dir": str(Path(output).resolve())})
+    raw = yamlio.load(path)
+    if output is not None and isinstance(raw, dict):  # the CLI's -o replaces the directory, keeps the other fields
+        kept = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+        raw = dict(raw, output={**kept, "dir": str(Path(output).resolve())})
     return validate(raw, base_dir=path.resolve().parent, default_output=f"runs/{path.stem}")
 
 
@@ -121,6 +118,13 @@ def validate(raw: Any, base_dir: Path = Path("."), default_output: str | None = 
             gather(problems, require_file, path, base_dir, f"{spec.path}.{name}")
     output = gather(problems, _output, raw.get("output", default_output))
     tracking = gather(problems, TrackingConfig.parse, raw["tracking"], "tracking") if "tracking" in raw else None
+    if output is not None:
+        gather(problems, check_output, (base_dir / output.dir).resolve(), "output")
+    if top is not None and top.cache_dir is not None and \
+            gather(problems, paths.kind, (base_dir / top.cache_dir).resolve(), "cache_dir") not in (None, "missing", "dir"):
+        problems.append(DscInputError("cache_dir", f"{(base_dir / top.cache_dir).resolve()} is a file, not a folder"))
+    if stages:
+        gather(problems, _stage_order, stages)
     if data and stages:
         gather(problems, _cross_stage, stages, data, _position_limit(teacher, base_dir))
     if problems:
@@ -142,6 +146,10 @@ def _data(raw: Any, base_dir: Path) -> dict[str, Any]:
     out, problems = {}, []
     for name, spec in raw.items():
         where = f"data.{name}"
+        if not isinstance(name, str):
+            problems.append(DscInputError(where, f"a source name must be text; YAML read {name!r} as "
+                                          f"{type(name).__name__}: quote it, e.g. '{name}':"))
+            continue
         kind = spec.get("type") if isinstance(spec, dict) else spec
         if not isinstance(kind, str) or kind not in SOURCE_CLASSES:
             hint = did_you_mean(kind, SOURCE_CLASSES) if isinstance(kind, str) else ""
@@ -185,16 +193,81 @@ def _output(raw: Any) -> Output:
 
 
 def _position_limit(teacher: ModelRef | None, base_dir: Path) -> int | None:
-    """max_position_embeddings from a local teacher's config.json, read without loading it."""
+    """The teacher's context limit (config.json's max_position_embeddings, or a GGUF file's
+    context_length), read without loading it."""
     import json
 
     try:
         source = resolve(teacher, base_dir) if teacher else None
         if source is not None and source.kind == "dir":
             return json.loads((Path(source.location) / "config.json").read_text()).get("max_position_embeddings")
-    except (DscInputError, OSError, ValueError):
+        if source is not None and source.kind == "gguf":
+            return gguf_context_length(Path(source.location) / source.gguf_file)
+    except (DscInputError, OSError, ValueError, KeyError, struct_error):
         pass
     return None
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """`{arch}.context_length` from a GGUF file's key-value header, read up to that key (gguf's
+    reader parses the whole tokenizer first: seconds, for a check that must be instant)."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            return None
+        pos, arch = 24, None  # magic, version (u32), tensor count (u64), kv count (u64)
+        (count,) = struct.unpack_from("<Q", mm, 16)
+
+        def read(kind: int):
+            nonlocal pos
+            if kind == 8:  # string: u64 length + bytes
+                (n,) = struct.unpack_from("<Q", mm, pos)
+                pos += 8 + n
+                return bytes(mm[pos - n:pos]).decode("utf-8", "replace")
+            if kind == 9:  # array: item type (u32), count (u64), items
+                item, n = struct.unpack_from("<IQ", mm, pos)
+                pos += 12
+                for _ in range(n):
+                    read(item)
+                return None
+            fmt = "<" + _GGUF_SCALARS[kind]
+            (value,) = struct.unpack_from(fmt, mm, pos)
+            pos += struct.calcsize(fmt)
+            return value
+
+        for _ in range(count):
+            key = read(8)
+            (kind,) = struct.unpack_from("<I", mm, pos)
+            pos += 4
+            value = read(kind)
+            if key == "general.architecture":
+                arch = value
+            elif arch is not None and key == f"{arch}.context_length":
+                return int(value)
+    return None
+
+
+def _stage_order(stages: tuple[StageSpec, ...]) -> None:
+    """Each stage gets weights it can work on: after a quantizer, only what takes quantized
+    weights (evaluate; qat on a 3/4/8-bit grid) may follow. Checked here, not hours in."""
+    problems, kind, by = [], "float", None
+    for i, spec in enumerate(stages):
+        stage = STAGES[spec.name]
+        takes_own_student = getattr(spec.config, "student", None) is not None  # distill: the incoming model is unused
+        if kind not in stage.takes and not takes_own_student:
+            what = {"grid": "3/4/8-bit grid weights", "int8": "int8 weights"}[kind]
+            fix = (f"put {spec.name} before {by} (quantize last)" if stage.takes == ("float",) else
+                   f"{spec.name} takes {' or '.join(stage.takes)} weights: start it from the float model instead")
+            problems.append(DscInputError(spec.path, f"would get the {what} that {by} wrote: {fix}"))
+        if stage.gives is not None:
+            kind, by = stage.gives, spec.path
+    if problems:
+        raise RecipeError(problems)
 
 
 def _cross_stage(stages: tuple[StageSpec, ...], data: dict[str, Any], limit: int | None) -> None:
@@ -228,5 +301,9 @@ def _cross_stage(stages: tuple[StageSpec, ...], data: dict[str, Any], limit: int
         if length and limit and length > limit:
             problems.append(DscInputError(f"{where}.context_length", f"{length} exceeds the teacher's "
                                           f"max_position_embeddings ({limit}): lower it"))
+        prompt, decode = getattr(cfg, "prompt_length", None), getattr(cfg, "decode_tokens", 0) or 0
+        if getattr(cfg, "speed", True) and prompt and limit and prompt + decode > limit:
+            problems.append(DscInputError(f"{where}.prompt_length", f"prompt_length + decode_tokens = {prompt + decode}"
+                                          f" exceeds the teacher's context ({limit} positions): lower them"))
     if problems:
         raise RecipeError(problems)

@@ -16,11 +16,16 @@ class Stage:
     changes_model: bool  # True: the runner checkpoints the model after the stage
     summary: str
     distributed: bool = False  # True: under torchrun every process runs it (others: rank 0 alone)
+    # What weights the stage takes and gives, checked across the recipe at `dsc validate`:
+    # float, grid (3/4/8-bit weights, compressed-tensors) or int8 (the int8 stage's W8 / W8A8).
+    takes: tuple[str, ...] = ("float",)
+    gives: str | None = "float"  # None: what it took (evaluate)
 
 
 STAGES: dict[str, Stage] = {
     "evaluate": Stage(evaluate.EvaluateConfig, evaluate.apply, False,
-                      "perplexity (stated protocol), parameters, bytes, speed and memory, next to the teacher"),
+                      "perplexity (stated protocol), parameters, bytes, speed and memory, next to the teacher",
+                      takes=("float", "grid", "int8"), gives=None),
     "cast": Stage(cast.CastConfig, cast.apply, True, "store weights in bfloat16 / float16"),
     "prune": Stage(prune.PruneConfig, prune.apply, True,
                    "structured pruning of heads (GQA-aware), MLP channels and layers into a smaller model"),
@@ -32,11 +37,14 @@ STAGES: dict[str, Stage] = {
                   distributed=True),
     "qat": Stage(distill.QATConfig, distill.apply_qat, True,
                  "quantization-aware distillation: weights trained through their 3/4/8-bit quantizer by the teacher",
-                 distributed=True),
+                 distributed=True, takes=("float", "grid"), gives="grid"),
     "rtn": Stage(quantize.RTNConfig, quantize.apply_rtn, True,
-                 "round-to-nearest weight quantization on a 3/4/8-bit grid (the baseline of every quantizer)"),
+                 "round-to-nearest weight quantization on a 3/4/8-bit grid (the baseline of every quantizer)",
+                 gives="grid"),
     "awq": Stage(quantize.AWQConfig, quantize.apply_awq, True,
-                 "AWQ 4-bit (3/8) weight quantization: activation-aware scales and clipping, layer by layer"),
+                 "AWQ 4-bit (3/8) weight quantization: activation-aware scales and clipping, layer by layer",
+                 gives="grid"),
     "int8": Stage(quantize.Int8Config, quantize.apply_int8, True,
-                  "INT8: weight-only per channel, or W8A8 with SmoothQuant and dynamic per-token activations"),
+                  "INT8: weight-only per channel, or W8A8 with SmoothQuant and dynamic per-token activations",
+                  gives="int8"),
 }

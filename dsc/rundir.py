@@ -14,16 +14,25 @@
 
 A stage is written into `stages/.tmp-NN-name` and renamed when complete, so its folder exists
 only once it is whole: `kill -9` at any moment loses at most the stage in progress.
+
+OUT/.dsc-run marks a folder dsc made: an existing folder without it (and not empty) holds someone
+else's files and is refused, never cleaned. Every checkpoint's files are recorded with their
+sha256 in its stage.json (OUT/model's in dsc_source.json) and verified before a resume trusts
+them; a damaged or unreadable stage is rebuilt from the last sound one.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
+from dsc import paths
 from dsc.errors import DscInputError
-from dsc.fingerprint import read_json
+from dsc.fingerprint import folder_matches, read_json, write_json
+
+MARKER = ".dsc-run"
 
 RUN_FILES = ("manifest.json", "recipe.yaml", "tracking.json", "metrics.json", "report.md", "report.html", "quality_vs_size.png",
              "quality_vs_speed.png")
@@ -39,9 +48,20 @@ class RunDir:
         self.work = self.path / "work"
         self._lock = None
 
+    def claim(self) -> None:
+        """Make OUT, or adopt it when dsc made it; refuse a folder that holds other files."""
+        check_output(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not (self.path / MARKER).is_file():
+                write_json(self.path / MARKER, {"made_by": "dsc", "created": datetime.now(timezone.utc).isoformat(
+                    timespec="seconds")})
+        except OSError as exc:
+            raise paths.refused(exc, "output", self.path) from None
+
     def acquire(self) -> None:
         """Exclusive lock on OUT for this process; released by the OS even on kill -9."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.claim()
         fh = open(self.path / ".lock", "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -103,20 +123,53 @@ class RunDir:
                 if p not in valid:
                     shutil.rmtree(p, ignore_errors=True)
 
-    def finished(self) -> dict[int, dict]:
-        """index → stage.json of every stage whose folder is complete."""
-        out = {}
-        if self.stages.is_dir():
-            for d in sorted(self.stages.iterdir()):
-                if d.is_dir() and not d.name.startswith(".") and (d / "stage.json").is_file():
-                    info = read_json(d / "stage.json")
-                    out[info["index"]] = info
-        return out
+    def finished(self) -> tuple[dict[int, dict], dict[int, str]]:
+        """index → stage.json of every complete, readable stage folder; and index → what is wrong
+        with each damaged one (unreadable stage.json or metrics.json, files that changed)."""
+        out, damaged = {}, {}
+        if self.stages.exists() and not self.stages.is_dir():
+            raise DscInputError("output", f"{self.stages} is not a folder: this run directory is damaged beyond "
+                                "repair; rerun with --fresh to start over")
+        if not self.stages.is_dir():
+            return out, damaged
+        for d in sorted(self.stages.iterdir()):
+            if not d.is_dir() or d.name.startswith(".") or not d.name[:2].isdigit():
+                continue
+            index = int(d.name[:2])
+            try:
+                info = read_json(d / "stage.json")
+                read_json(d / "metrics.json")
+                if not isinstance(info, dict) or info["index"] != index or not isinstance(info["fingerprint"], str):
+                    raise ValueError("stage.json does not describe this stage")
+            except FileNotFoundError as exc:
+                damaged[index] = f"{Path(exc.filename).name} is missing"
+                continue
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                damaged[index] = f"stage.json or metrics.json is unreadable ({type(exc).__name__})"
+                continue
+            if info.get("files") is not None:
+                problem = folder_matches(d / "model", info["files"])
+                if problem:
+                    damaged[index] = f"its checkpoint changed: {problem}"
+                    continue
+            out[index] = info
+        return out, damaged
 
-    def check_resume(self, chain: list[str], names: list[str], configs: list[dict], root: dict) -> int:
-        """Index of the first stage to run. Refuses when finished work came from another recipe."""
-        done = self.finished()
-        manifest = read_json(self.path / "manifest.json") if (self.path / "manifest.json").is_file() else None
+    def read_manifest(self) -> dict | None:
+        """manifest.json, or None when missing or damaged (it is rewritten at every start)."""
+        try:
+            manifest = read_json(self.path / "manifest.json")
+            manifest["fingerprints"]["root"]
+            return manifest
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def check_resume(self, chain: list[str], names: list[str], configs: list[dict], root: dict,
+                     log=None) -> int:
+        """Index of the first stage to run. Refuses when finished work came from another recipe;
+        a damaged stage (and every stage after it) is rebuilt from the last sound one."""
+        done, damaged = self.finished()
+        manifest = self.read_manifest()
         if not done:  # nothing finished: start clean, but keep a first training stage's checkpoints
             self.clear(keep_work=True)
             return 0
@@ -138,11 +191,40 @@ class RunDir:
         extra = [i for i in done if i >= len(chain)]
         if extra:
             self._refuse(f"it holds finished stages past the recipe's last (stage {extra[0]})")
+        first_bad = min((i for i in damaged if i <= start), default=None)
+        if first_bad is not None:
+            if log is not None:
+                log.warning("stage %d is damaged (%s): rebuilding it and the stages after it from the last sound "
+                            "stage", first_bad, damaged[first_bad],
+                            extra={"event": "damaged", "index": first_bad, "problem": damaged[first_bad]})
+            start = first_bad
+        for d in self.stages.iterdir() if self.stages.is_dir() else ():
+            if d.is_dir() and d.name[:2].isdigit() and int(d.name[:2]) >= start:
+                shutil.rmtree(d)  # dsc's own folders, rebuilt in order from here
         return start
 
     def _refuse(self, why: str) -> None:
         raise DscInputError("output", f"{self.path} holds a run of a different recipe: {why}. "
                             "Rerun with --fresh to start over, or choose another output directory")
+
+
+def check_output(path: Path, field: str = "output") -> None:
+    """OUT may be missing, empty, or a folder dsc made (its marker, or an older run's manifest):
+    anything else holds someone else's files, and a run there would mix with them or clean them."""
+    path = Path(path)
+    found = paths.kind(path, field)
+    if found not in ("missing", "dir"):
+        raise DscInputError(field, f"{path} exists and is not a folder: choose another output directory")
+    if found == "dir" and not (path / MARKER).is_file() and not (path / "manifest.json").is_file():
+        try:
+            theirs = sorted(p.name for p in path.iterdir() if p.name != ".lock")
+        except OSError as exc:
+            raise paths.refused(exc, field, path) from None
+        if theirs:
+            listed = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
+            raise DscInputError(field, f"{path} already holds files dsc did not write ({listed}): choose a new or "
+                                "empty output directory (dsc never deletes files it did not write, and --fresh "
+                                "does not either)")
 
 
 def _diff(old: dict, new: dict) -> str:

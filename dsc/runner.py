@@ -16,7 +16,7 @@ from dsc.data.pipeline import tokenizer_fingerprint
 from dsc.data.sources import resolve_file, source_fingerprint
 from dsc.errors import DscInputError, FieldError, RunInterrupted
 from dsc.evaluation import disk_bytes
-from dsc.fingerprint import hash_files, hash_json, read_json, write_json, write_text
+from dsc.fingerprint import folder_hashes, folder_matches, hash_files, hash_json, read_json, write_json, write_text
 from dsc import hub
 from dsc.models import ModelRef, card_facts, fingerprint as model_fingerprint, load_checkpoint, load_model, load_tokenizer, \
     replace_dir, resolve, save_model
@@ -72,7 +72,7 @@ def update_manifest(out: RunDir, recipe: Recipe, root: dict, start: int, log) ->
     path = out.path / "manifest.json"
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     current = versions()
-    old = read_json(path) if path.is_file() and start else None
+    old = out.read_manifest() if start else None
     if old and old["versions"] != current:
         log.warning("resuming with other versions than the finished stages used: %s -> %s", old["versions"],
                     current, extra={"event": "version_change"})
@@ -99,7 +99,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, fresh: bool = F
         out.remove_partial()
         root, chain = fingerprints(recipe)
         start = out.check_resume(chain, [s.name for s in recipe.stages],
-                                 [s.config.model_dump() for s in recipe.stages], root)
+                                 [s.config.model_dump() for s in recipe.stages], root, log)
         out.keep_work({out.work_dir(i, s.name, chain[i]) for i, s in enumerate(recipe.stages) if i >= start})
         write_text(out.path / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         update_manifest(out, recipe, root, start, log)
@@ -188,11 +188,12 @@ class _Session:
 
 
 def verified_checkpoint(out: RunDir, recipe: Recipe, i: int) -> Path:
-    """Stage i's model folder, refused if its files changed (size, mtime) since the stage wrote them."""
+    """Stage i's model folder, refused if its files changed (sha256) since the stage wrote them."""
     folder = out.stage_dir(i, recipe.stages[i].name)
-    if file_stats(folder / "model") != read_json(folder / "stage.json")["files"]:
-        raise DscInputError("output", f"{folder / 'model'} changed since stage {i} wrote it: "
-                            "rerun with --fresh (or restore the files)")
+    problem = folder_matches(folder / "model", read_json(folder / "stage.json")["files"])
+    if problem:
+        raise DscInputError("output", f"{folder / 'model'} changed since stage {i} wrote it ({problem}): rerun "
+                            "to rebuild it from the stage before, or with --fresh to start over")
     return folder / "model"
 
 
@@ -201,8 +202,9 @@ def last_checkpoint(recipe: Recipe, end: int) -> int | None:
     return next((i for i in range(end - 1, -1, -1) if STAGES[recipe.stages[i].name].changes_model), None)
 
 
-def file_stats(folder: Path) -> dict[str, list[int]]:
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
+def file_stats(folder: Path) -> dict[str, list]:
+    """name → [size, sha256] of a model folder's files, as a stage records them."""
+    return folder_hashes(folder)
 
 
 def _track_stage(tracker: Tracker, out: RunDir, recipe: Recipe, i: int) -> None:
@@ -218,8 +220,11 @@ def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root:
     first = "teacher" if recipe.student is None else "student"
     origin = {"from": first if last is None else f"stages/{out.stage_dir(last, recipe.stages[last].name).name}",
               "fingerprint": root["root"] if last is None else chain[last]}
-    marker = out.model / "dsc_source.json"
-    publish = recipe.output.save_model and (not marker.is_file() or read_json(marker) != origin)
+    problem = published_problem(out, origin) if recipe.output.save_model else None
+    publish = problem is not None
+    if publish and (out.model / SOURCE).is_file():
+        log.warning("%s: %s: publishing it again from %s", out.model, problem, origin["from"],
+                    extra={"event": "damaged", "path": str(out.model), "problem": problem})
     if not recipe.output.save_model:
         shutil.rmtree(out.model, ignore_errors=True)  # never leave a model that is not this recipe's
     # Copying a finished checkpoint to OUT/model needs no model, tokenizer or data.
@@ -295,8 +300,23 @@ def _publish_final(recipe: Recipe, out: RunDir, model, session: _Session, last: 
     else:
         save_model(model if model is not None else session.working_model(0), session.tokenizer, tmp)
     write_card(recipe, out, tmp, last, final=True)
-    write_json(tmp / "dsc_source.json", origin)
+    write_json(tmp / SOURCE, {**origin, "files": folder_hashes(tmp)})
     replace_dir(tmp, out.model)
+
+
+SOURCE = "dsc_source.json"  # in OUT/model: which checkpoint it is a copy of, and its files' sha256
+
+
+def published_problem(out: RunDir, origin: dict) -> str | None:
+    """Why OUT/model must be (re)published: missing, from another stage, or its files changed
+    since dsc wrote them (checked before every `done`); None when it is sound."""
+    try:
+        marker = read_json(out.model / SOURCE)
+        if {k: marker.get(k) for k in origin} != origin:
+            return "it is not the last checkpoint's copy"
+        return folder_matches(out.model, marker["files"], skip=(SOURCE,))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "it is missing or its dsc_source.json is unreadable"
 
 
 def write_card(recipe: Recipe, out: RunDir, folder: Path, upto: int | None, final: bool) -> Path:

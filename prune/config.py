@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from dsc.config import Config
+from dsc.config import Config, check_regexes
 
 
 def _fraction(v: float) -> float:
@@ -57,6 +57,11 @@ class PruneConfig(Config):
     targets: list[str] = Field(default_factory=list, description="regexes over layer paths (model.layers.N) that "
                                                                  "may be removed by depth pruning; empty: all")
     ignore: list[str] = Field(default_factory=list, description="regexes over layer paths never removed")
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        return check_regexes(v)
     data: str | None = Field(None, description="calibration data source (default: the recipe's first)")
     split: Literal["calibration", "train", "eval", "all"] = Field("calibration", description="split to calibrate on")
     num_samples: int = Field(32, gt=0, description="calibration blocks")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from dsc.config import Config
+from dsc.config import Config, check_device, check_regexes
 
 
 class TargetsConfig(Config):
@@ -22,6 +22,11 @@ class TargetsConfig(Config):
         "auto", description="compressed-tensors format written by save: pack-quantized (codes packed into "
                             "int32, what llm-compressor writes for W4A16 and vLLM serves), int-quantized (one int8 "
                             "per weight); auto: pack-quantized for symmetric weight-only, else int-quantized")
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        return check_regexes(v, prefix="re:")
 
 
 class GridConfig(TargetsConfig):
@@ -51,6 +56,11 @@ class CalibrationConfig(Config):
     calibration_device: str | None = Field(None, description="device the layers are calibrated on, one at a time "
                                                              "(default: the recipe's device); e.g. cuda for a model "
                                                              "kept in CPU memory")
+
+    @field_validator("calibration_device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        return check_device(v, allow_auto=False)
 
 
 class RTNConfig(GridConfig):

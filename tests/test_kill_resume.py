@@ -202,7 +202,9 @@ def _summary(out: Path) -> dict:
         info = _read_json(d / "stage.json")
         entry = {"metrics": _read_json(d / "metrics.json"), "fingerprint": info["fingerprint"],
                  "config": info["config"],
-                 "file_sizes": None if info["files"] is None else {k: v[0] for k, v in info["files"].items()}}
+                 # the model card holds this run's timings: its size is not the model's
+                 "file_sizes": None if info["files"] is None else
+                 {k: v[0] for k, v in info["files"].items() if k != "README.md"}}
         if (d / "train_log.jsonl").is_file():
             entry["train_log"] = [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
         stages[d.name] = entry

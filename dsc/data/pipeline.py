@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dsc import hf
 from dsc.data.sources import SPLITS, TeacherSource, read_documents, source_fingerprint
@@ -103,11 +103,14 @@ def prepare(name: str, src, tokenizer, *, base_dir: Path, cache_dirs: tuple[Path
     key = hash_json([CACHE_VERSION, source_fingerprint(src, base_dir, teacher_fp), tokenizer_fingerprint(tokenizer),
                      seed if isinstance(src, TeacherSource) and src.seed is None else None])
     files = [Path(d) / "tokens" / f"{key}.safetensors" for d in cache_dirs]
-    hit = next((f for f in files if f.is_file()), None)
-    if hit is not None:
-        tokens = load_file(hit)["tokens"].long()
-        log.info("data %s: %d tokens from %s", name, len(tokens), hit)
-    else:
+    tokens = None
+    for f in files:
+        if f.is_file():
+            tokens = _load_verified(f)
+            if tokens is not None:
+                log.info("data %s: %d tokens from %s", name, len(tokens), f)
+                break
+    if tokens is None:
         if isinstance(src, TeacherSource):
             if generate is None:
                 raise DscInputError(field_path, "a teacher source needs a teacher model to sample from")
@@ -130,8 +133,28 @@ def _save_atomic(path: Path, tokens: torch.Tensor) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"tokens": tokens.to(torch.int32).contiguous()}, tmp)
+    data = tokens.to(torch.int32).contiguous()
+    save_file({"tokens": data}, tmp, metadata={"sha256": hash_bytes(data.numpy().tobytes())})
     os.replace(tmp, path)
+
+
+def _load_verified(path: Path) -> torch.Tensor | None:
+    """A cached token stream, or None (and the file removed: dsc wrote it) when it is damaged —
+    an unreadable header, or tokens whose sha256 is not the one saved with them."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            saved = (fh.metadata() or {}).get("sha256")
+            data = fh.get_tensor("tokens")
+        if saved is not None and hash_bytes(data.contiguous().numpy().tobytes()) != saved:
+            raise ValueError("the tokens' sha256 differs from the one saved with them")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError for a damaged header
+        log.warning("token cache %s is damaged (%s: %s): preparing the data again", path, type(exc).__name__, exc,
+                    extra={"event": "damaged", "path": str(path)})
+        path.unlink(missing_ok=True)
+        return None
+    return data.long()
 
 
 @torch.inference_mode()

@@ -9,6 +9,7 @@ from typing import Iterator, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from dsc import paths
 from dsc.config import Config
 from dsc.errors import DscInputError
 from dsc.fingerprint import hash_files, hash_json
@@ -105,7 +106,10 @@ def resolve_file(path: str, base_dir: Path) -> Path:
 def require_file(path: str, base_dir: Path, field: str) -> Path:
     """The resolved file, or an error naming the field (missing files fail before any model loads)."""
     full = resolve_file(path, base_dir)
-    if not full.is_file():
+    found = paths.kind(full, field)
+    if found == "dir":
+        raise DscInputError(field, f"{full} is a folder, not a file")
+    if found != "file":
         raise DscInputError(field, f"file not found: {full} (relative paths start at the recipe's folder)")
     return full
 
@@ -120,8 +124,9 @@ def check_exists(src: Config, base_dir: Path, field: str) -> None:
         require_file(src.path, base_dir, f"{field}.path")
     if isinstance(src, DatasetsSource):
         path = resolve_path(src, base_dir)
-        looks_local = src.path.startswith((".", "/", "~")) or path.exists()
-        if looks_local and not path.is_dir():
+        found = paths.kind(path, f"{field}.path")
+        looks_local = src.path.startswith((".", "/", "~")) or found != "missing"
+        if looks_local and found != "dir":
             raise DscInputError(f"{field}.path", f"dataset folder not found: {path}")
 
 
