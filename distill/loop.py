@@ -228,7 +228,8 @@ class Loop:
             state = torch.load(self._ckpt / "state.pt", map_location="cpu", weights_only=True)
             meta["step"], meta["scheduler"], meta["history"]  # noqa: B018 - present, or damaged
             return meta, state
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError,
+                pickle.UnpicklingError) as exc:
             self.log.warning("training checkpoint %s is damaged (%s: %s): training this stage from the start",
                              self._ckpt, type(exc).__name__, exc, extra={"event": "damaged", "path": str(self._ckpt)})
             parallel.barrier()  # every rank has read it before rank 0 removes it

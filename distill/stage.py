@@ -7,7 +7,7 @@ import shutil
 import torch
 
 from dsc.distill import lora as peft_adapter
-from dsc import hf, parallel
+from dsc import parallel
 from dsc.distill import student as student_builder, teacher_cache
 from dsc.distill.batches import Batches
 from dsc.distill.config import DistillConfig, KDConfig, LoraConfig
@@ -16,6 +16,7 @@ from dsc.distill.objective import Objective, check_pair
 from dsc.errors import FieldError
 from dsc.fingerprint import hash_json, weights_fingerprint
 from dsc.log import Progress
+from dsc.models import build_from_config
 from dsc.stages import StageOutput
 
 
@@ -125,7 +126,7 @@ def _unsharded(student):
 
 def rebuilt(config, state: dict, what: str):
     """A fresh plain model of `config` holding `state` (a tied LM head may be absent from it)."""
-    plain = hf.causal_lm_from_config(config)
+    plain = build_from_config(config)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     tied = {k for k in missing if plain.config.tie_word_embeddings and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:

@@ -11,18 +11,19 @@ import torch
 from dsc import hf
 from dsc.distill.config import StudentConfig
 from dsc.errors import DscInputError, FieldError, did_you_mean
+from dsc.models import ModelRef, build_from_config, load_model, load_tokenizer, resolve
 
 # Facts of the tokenizer and the data that a student built from a config takes from the teacher.
 INHERITED = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
 
 
 def _config_class(model_type: str):
-    classes = hf.causal_lm_config_classes()
-    if model_type not in classes:
-        hint = did_you_mean(model_type, classes)
+    types = hf.causal_lm_model_types()
+    if model_type not in types:
+        hint = did_you_mean(model_type, types)
         raise ValueError(f"model_type {model_type!r} has no causal LM in transformers{hint} (e.g. llama, qwen2, "
                          "mistral)")
-    return classes[model_type]
+    return hf.config_class(model_type)
 
 
 def _fields(config_cls) -> set[str]:
@@ -86,7 +87,7 @@ def _from_config(spec: StudentConfig, teacher, seed: int):
     _check_vocab(config.get_text_config().vocab_size, teacher, "student.config.vocab_size")  # before allocating
     with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's generator
         torch.manual_seed(seed)
-        model = hf.causal_lm_from_config(config, dtype=torch.float32)
+        model = build_from_config(config, dtype=torch.float32)
     if spec.init == "teacher_embeddings":
         _copy_embeddings(model, teacher)
     return model
@@ -109,7 +110,6 @@ def _copy_embeddings(student, teacher) -> None:
 def _load(path: str, tokenizer, base_dir: Path):
     """A saved model directory, refused when it carries a tokenizer other than the teacher's."""
     from dsc.data.pipeline import tokenizer_fingerprint
-    from dsc.models import ModelRef, load_model, load_tokenizer, resolve
 
     ref = ModelRef(path=path)
     try:

@@ -78,7 +78,7 @@ def _run_command(args, log) -> int:
     except OSError as exc:  # a path the filesystem refuses, a read-only or full disk: the user's to fix
         from dsc.paths import USER_ERRNOS, refused
 
-        if exc.errno not in USER_ERRNOS:
+        if exc.errno not in USER_ERRNOS or exc.filename is None:
             log.exception("failed", extra={"event": "error", "exit_code": 1})
             return int(ExitCode.FAILURE)
         err = refused(exc, "path")
@@ -142,6 +142,15 @@ def cmd_stages(args, log) -> int:
 
     if args.name and args.name not in STAGES:
         raise DscInputError("stage", f"unknown stage {args.name!r}{did_you_mean(args.name, STAGES)}")
+    if args.log_format == "json":
+        for name, stage in STAGES.items():
+            if args.name in (None, name):
+                fields = [{**{k: v for k, v in f.items() if k != "nested"},
+                           "entries": {cls.__name__: [{k: v for k, v in g.items() if k != "nested"}
+                                                      for g in describe_fields(cls)] for cls in f["nested"]}}
+                          for f in describe_fields(stage.config)]
+                _print(args, {"stage": name, "summary": stage.summary, "fields": fields}, "")
+        return 0
     for name, stage in STAGES.items():
         if args.name in (None, name):
             print(f"{name}: {stage.summary}")

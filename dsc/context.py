@@ -133,9 +133,14 @@ class Context:
         if key in self._baselines:
             return self._baselines[key]
         path = self.baseline_dir / f"{key[:16]}.json" if self.baseline_dir else None
+        result = None
         if path is not None and path.is_file():
-            result = read_json(path)
-        else:
+            try:
+                result = read_json(path)
+            except (OSError, ValueError) as exc:
+                self.log.warning("teacher baseline %s is damaged (%s): measuring it again", path, exc,
+                                 extra={"event": "damaged", "path": str(path)})
+        if result is None:
             result = measure()
             if path is not None:
                 write_json(path, result)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dsc import paths
 from dsc.config import Config
 from dsc.context import Context, default_cache_dir, pick_device
 from dsc.data.sources import JsonlSource, ParquetSource, TeacherSource, TextSource
@@ -14,16 +15,19 @@ from dsc.stages.evaluate import EvaluateConfig, measure
 def data_source(args) -> Config:
     """--data: a file (type from its suffix) or 'generated'; all of it is scored (split: all)."""
     common = {"max_tokens": args.max_tokens, "splits": {"eval": 1.0}}
+    if args.max_tokens is not None:  # a short --max-tokens still makes whole blocks
+        common["block_size"] = max(2, min(512, args.max_tokens))
     if args.data == "generated":
-        return TeacherSource(**common)
+        return TeacherSource.parse(common, "--data")
     path = Path(args.data)
-    if not path.is_file():
-        raise DscInputError("--data", f"file not found: {path}")
+    found = paths.kind(path, "--data")
+    if found != "file":
+        raise DscInputError("--data", f"{path} is a folder, not a file" if found == "dir" else f"file not found: {path}")
     if path.suffix == ".jsonl":
-        return JsonlSource(path=str(path.resolve()), field=args.field, **common)
+        return JsonlSource.parse({"path": str(path.resolve()), "field": args.field, **common}, "--data")
     if path.suffix == ".parquet":
-        return ParquetSource(path=str(path.resolve()), field=args.field, **common)
-    return TextSource(path=str(path.resolve()), line_join=args.line_join, **common)
+        return ParquetSource.parse({"path": str(path.resolve()), "field": args.field, **common}, "--data")
+    return TextSource.parse({"path": str(path.resolve()), "line_join": args.line_join, **common}, "--data")
 
 
 def parse_sets(pairs: list[str]) -> EvaluateConfig:
@@ -34,12 +38,16 @@ def parse_sets(pairs: list[str]) -> EvaluateConfig:
         key, sep, value = pair.partition("=")
         if not sep:
             raise DscInputError("--set", f"expected KEY=VALUE, got {pair!r}")
-        fields[key] = yaml.safe_load(value)
+        try:
+            fields[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise DscInputError(f"--set {key}", f"{value!r} is not a YAML value: {' '.join(str(exc).split())}") from None
     return EvaluateConfig.parse({"split": "all", **fields, "teacher": False}, "--set")
 
 
 def evaluate_model_cli(args, log) -> dict:
     cfg = parse_sets(args.set)
+    data = data_source(args)  # checked before the model loads
     ref = ModelRef(path=args.model, trust_remote_code=args.trust_remote_code)
     source = resolve(ref, Path.cwd(), field="model")
     tokenizer = load_tokenizer(source, ref, field="model")
@@ -47,6 +55,6 @@ def evaluate_model_cli(args, log) -> dict:
     model = load_model(source, ref, field="model").to(device)
     cache = default_cache_dir()
     # 'generated' data is sampled from the model being evaluated: it is its own teacher here
-    ctx = Context.create(tokenizer, {"data": data_source(args)}, teacher=model, device=str(device),
+    ctx = Context.create(tokenizer, {"data": data}, teacher=model, device=str(device),
                          cache_dir=cache, log=log)
     return measure(model, cfg, ctx, Path(args.model).name)

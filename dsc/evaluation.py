@@ -168,6 +168,9 @@ def speed(model, vocab_size: int, batch_size: int, prompt_length: int, decode_to
     prefill, decode = [], []
     # Generation needs only the last position's logits: skip the (B, T, V) tensor where supported.
     keep = hf.keep_logits(model, 1)
+    cache_name = hf.cache_argument(model)  # looked up once: not inside the timed loop
+    if decode_tokens and cache_name is None:
+        raise TypeError(f"{type(model).__name__}.forward takes no KV cache: decode speed cannot be measured")
     with PeakMemory(device) as mem:
         for rep in range(repeats + 1):  # rep 0 warms up kernels and allocator
             _sync(device)
@@ -177,7 +180,7 @@ def speed(model, vocab_size: int, batch_size: int, prompt_length: int, decode_to
             t1 = time.perf_counter()
             past, token = hf.output_cache(out), out.logits[:, -1:].argmax(-1)
             for _ in range(decode_tokens):
-                out = model(input_ids=token, use_cache=True, **hf.cache_kwargs(model, past))
+                out = model(input_ids=token, use_cache=True, **{cache_name: past})
                 past, token = hf.output_cache(out), out.logits[:, -1:].argmax(-1)
             _sync(device)
             t2 = time.perf_counter()

@@ -50,12 +50,18 @@ def config_for_model(model_type: str, **fields):
     return AutoConfig.for_model(model_type, **fields)
 
 
-def causal_lm_config_classes() -> dict[str, Any]:
-    """model_type → its config class, for every family that has a causal-LM head."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # internals: only here
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def causal_lm_model_types() -> list[str]:
+    """Every model_type that has a causal-LM head (names only: nothing is imported)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # internals: only here
 
-    return {name: CONFIG_MAPPING[name] for name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if name in CONFIG_MAPPING}
+    return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def config_class(model_type: str):
+    """The config class of `model_type` (imports that one family's configuration module)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # internals: only here
+
+    return CONFIG_MAPPING[model_type]
 
 
 def generation_config(**fields):

@@ -29,7 +29,7 @@ def teacher_license(folder: Path) -> str | None:
         return None
     try:
         return ModelCard.load(card, ignore_metadata_errors=True).data.license
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - someone else's card: bad YAML, odd keys; the license is then unknown
         return None
 
 
@@ -108,10 +108,11 @@ def write_card(folder: Path, text: str) -> Path:
 
 # -- dsc push -------------------------------------------------------------------------------------
 def _network_errors() -> tuple[type, ...]:
-    """What the Hub client raises when the Hub cannot be reached or refuses: its own errors are
-    OSErrors (HfHubHTTPError, OfflineModeIsEnabled), bad repo ids ValueErrors, and the HTTP
-    client's transport errors are its own classes."""
-    errors: list[type] = [OSError, ValueError]
+    """What the Hub client raises when the Hub cannot be reached or refuses: its own HTTP and
+    offline errors, and the HTTP client's transport errors (its own classes)."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    errors: list[type] = [HfHubHTTPError, OfflineModeIsEnabled, ConnectionError, TimeoutError]
     for module in ("httpx2", "httpx", "requests"):
         try:
             cls = getattr(importlib.import_module(module), "HTTPError", None)
@@ -133,8 +134,16 @@ def push(folder: Path, repo_id: str, *, private: bool = False, token: str | None
         raise DscInputError("output", f"{folder} has no model card ({CARD}): rerun the recipe with this dsc version")
     try:
         from huggingface_hub import HfApi
+        from huggingface_hub.utils import validate_repo_id
     except ImportError as exc:
         raise DscInputError("push", f"needs huggingface_hub: pip install huggingface_hub ({exc})") from None
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as exc:  # HFValidationError: bad input, not worth a retry
+        raise DscInputError("repo_id", f"{repo_id!r} is not a Hub repo id like 'me/smollm2-lite': "
+                            f"{' '.join(str(exc).split())}") from None
+    if "/" not in repo_id:
+        raise DscInputError("repo_id", f"{repo_id!r}: give the namespace too, like 'me/{repo_id}'")
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)

@@ -160,6 +160,18 @@ def _plain_copy(model):
     return fresh
 
 
+def build_from_config(config, dtype: torch.dtype | None = None):
+    """A fresh model of a transformers config: random weights (seeded by the caller), or the
+    frame a state dict is loaded into."""
+    return hf.causal_lm_from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+
+
+def load_quantized(folder: Path, quantization_config, dtype: torch.dtype, device_map: dict):
+    """A saved float checkpoint loaded back quantized on load (bitsandbytes' LLM.int8 / NF4)."""
+    return hf.causal_lm_from_pretrained(str(folder), quantization_config=quantization_config, dtype=dtype,
+                                        device_map=device_map)
+
+
 def load_tokenizer(source: Source, ref: ModelRef, field: str = "teacher.path"):
     try:
         if source.kind == "gguf":

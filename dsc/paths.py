@@ -9,9 +9,10 @@ from typing import Literal
 
 from dsc.errors import DscInputError
 
-# What the filesystem says about a path the user chose, or a disk they pointed us at: bad input.
-USER_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
-               errno.ENOSPC, errno.EDQUOT, errno.ELOOP, errno.EEXIST, errno.EINVAL}
+# What the filesystem says of a path the user chose, or of a disk they pointed dsc at: bad input
+# wherever it surfaces (the CLI maps these, with a file name, to exit 2). Other errors (EEXIST,
+# EINVAL, EACCES…) are mapped only where a user's path is touched (`kind`, RunDir.claim).
+USER_ERRNOS = {errno.ENAMETOOLONG, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
 
 
 def kind(path: Path, field: str) -> Literal["file", "dir", "missing", "other"]:
@@ -24,6 +25,8 @@ def kind(path: Path, field: str) -> Literal["file", "dir", "missing", "other"]:
         return "missing"
     except OSError as exc:
         raise refused(exc, field, path) from None
+    except ValueError as exc:  # "embedded null byte"
+        raise DscInputError(field, f"{str(path)!r} is not a usable path: {exc}") from None
     import stat
 
     return "file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other"

@@ -33,9 +33,12 @@ def collect_metrics(run: Path) -> dict:
     stages = []
     for d in sorted((Path(run) / "stages").glob("[0-9]*")):
         if (d / "stage.json").is_file():
-            info = read_json(d / "stage.json")
-            stages.append({"index": info["index"], "name": info["name"], "folder": d.name,
-                           "seconds": info["seconds"], "metrics": read_json(d / "metrics.json")})
+            try:
+                info = read_json(d / "stage.json")
+                stages.append({"index": info["index"], "name": info["name"], "folder": d.name,
+                               "seconds": info["seconds"], "metrics": read_json(d / "metrics.json")})
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a damaged stage (the next `dsc run` rebuilds it) is left out of the report
     return {"stages": stages, "evaluations": evaluation_tables(stages)}
 
 

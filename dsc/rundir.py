@@ -34,7 +34,7 @@ from dsc.fingerprint import folder_matches, read_json, write_json
 
 MARKER = ".dsc-run"
 
-RUN_FILES = ("manifest.json", "recipe.yaml", "tracking.json", "metrics.json", "report.md", "report.html", "quality_vs_size.png",
+RUN_FILES = ("manifest.json", "recipe.yaml", "metrics.json", "report.md", "report.html", "quality_vs_size.png",
              "quality_vs_speed.png")
 
 
@@ -92,9 +92,11 @@ class RunDir:
 
     def clear(self, keep_work: bool = False) -> None:
         """--fresh: remove everything a previous run wrote (the lock stays held)."""
-        for name in ("stages", "baseline", "model", "data", "tensorboard") + (() if keep_work else ("work",)):
+        # keep_work: nothing finished yet, but a first training stage's checkpoints and the tracked
+        # run they logged to are resumed: only --fresh starts a new tracked run.
+        for name in ("stages", "baseline", "model", "data") + (() if keep_work else ("work", "tensorboard")):
             shutil.rmtree(self.path / name, ignore_errors=True)
-        for name in RUN_FILES:
+        for name in RUN_FILES + (() if keep_work else ("tracking.json",)):
             (self.path / name).unlink(missing_ok=True)
 
     def remove_partial(self) -> None:
@@ -133,25 +135,27 @@ class RunDir:
         if not self.stages.is_dir():
             return out, damaged
         for d in sorted(self.stages.iterdir()):
-            if not d.is_dir() or d.name.startswith(".") or not d.name[:2].isdigit():
+            index = stage_index(d)
+            if index is None:
                 continue
-            index = int(d.name[:2])
             try:
                 info = read_json(d / "stage.json")
                 read_json(d / "metrics.json")
                 if not isinstance(info, dict) or info["index"] != index or not isinstance(info["fingerprint"], str):
                     raise ValueError("stage.json does not describe this stage")
+                files = info.get("files")
+                if files is None and (d / "model").exists():
+                    raise ValueError("stage.json records no files for the checkpoint beside it")
+                problem = folder_matches(d / "model", files) if files is not None else None
             except FileNotFoundError as exc:
-                damaged[index] = f"{Path(exc.filename).name} is missing"
+                damaged[index] = f"{Path(exc.filename or 'a file').name} is missing"
                 continue
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                damaged[index] = f"stage.json or metrics.json is unreadable ({type(exc).__name__})"
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                damaged[index] = f"stage.json or metrics.json is unreadable ({type(exc).__name__}: {exc})"
                 continue
-            if info.get("files") is not None:
-                problem = folder_matches(d / "model", info["files"])
-                if problem:
-                    damaged[index] = f"its checkpoint changed: {problem}"
-                    continue
+            if problem:
+                damaged[index] = f"its checkpoint changed: {problem}"
+                continue
             out[index] = info
         return out, damaged
 
@@ -171,6 +175,10 @@ class RunDir:
         done, damaged = self.finished()
         manifest = self.read_manifest()
         if not done:  # nothing finished: start clean, but keep a first training stage's checkpoints
+            if damaged and log is not None:
+                first = min(damaged)
+                log.warning("stage %d is damaged (%s): rebuilding the run from its first stage", first,
+                            damaged[first], extra={"event": "damaged", "index": first, "problem": damaged[first]})
             self.clear(keep_work=True)
             return 0
         if manifest and manifest["fingerprints"]["root"] != root["root"]:
@@ -191,6 +199,9 @@ class RunDir:
         extra = [i for i in done if i >= len(chain)]
         if extra:
             self._refuse(f"it holds finished stages past the recipe's last (stage {extra[0]})")
+        for i, info in sorted(done.items()):  # sound stages after a damaged one: still this recipe's
+            if i > start and info["fingerprint"] != chain[i]:
+                self._refuse(f"stages[{i}] changed ({names[i]}: {_diff(info['config'], configs[i])})")
         first_bad = min((i for i in damaged if i <= start), default=None)
         if first_bad is not None:
             if log is not None:
@@ -199,13 +210,20 @@ class RunDir:
                             extra={"event": "damaged", "index": first_bad, "problem": damaged[first_bad]})
             start = first_bad
         for d in self.stages.iterdir() if self.stages.is_dir() else ():
-            if d.is_dir() and d.name[:2].isdigit() and int(d.name[:2]) >= start:
+            index = stage_index(d)
+            if index is not None and index >= start:
                 shutil.rmtree(d)  # dsc's own folders, rebuilt in order from here
         return start
 
     def _refuse(self, why: str) -> None:
         raise DscInputError("output", f"{self.path} holds a run of a different recipe: {why}. "
                             "Rerun with --fresh to start over, or choose another output directory")
+
+
+def stage_index(folder: Path) -> int | None:
+    """NN of a finished stage folder `NN-name` (None for temporaries and anything else)."""
+    head, sep, _ = folder.name.partition("-")
+    return int(head) if sep and head.isdigit() and folder.is_dir() else None
 
 
 def check_output(path: Path, field: str = "output") -> None:

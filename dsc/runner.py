@@ -220,15 +220,9 @@ def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root:
     first = "teacher" if recipe.student is None else "student"
     origin = {"from": first if last is None else f"stages/{out.stage_dir(last, recipe.stages[last].name).name}",
               "fingerprint": root["root"] if last is None else chain[last]}
-    problem = published_problem(out, origin) if recipe.output.save_model else None
-    publish = problem is not None
-    if publish and (out.model / SOURCE).is_file():
-        log.warning("%s: %s: publishing it again from %s", out.model, problem, origin["from"],
-                    extra={"event": "damaged", "path": str(out.model), "problem": problem})
     if not recipe.output.save_model:
         shutil.rmtree(out.model, ignore_errors=True)  # never leave a model that is not this recipe's
-    # Copying a finished checkpoint to OUT/model needs no model, tokenizer or data.
-    session = _Session(recipe, out, root, log) if todo or (publish and last is None) else None
+    session = _Session(recipe, out, root, log) if todo else None
     if session is not None:
         session.ctx.tracker = tracker
     model = session.working_model(start) if todo else None
@@ -237,7 +231,15 @@ def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root:
         _track_stage(tracker, out, recipe, i)
         write_json(out.path / "metrics.json", collect_metrics(out.path))
         write_report(out.path)
-    if publish:
+    # Decided once every stage is done (a rebuilt checkpoint is a new origin), before `done`.
+    if last is not None:
+        origin["files"] = read_json(out.stage_dir(last, recipe.stages[last].name) / "stage.json")["files"]
+    problem = published_problem(out, origin) if recipe.output.save_model else None
+    if problem is not None:
+        if problem.startswith("damaged"):
+            log.warning("%s is %s: publishing it again from %s", out.model, problem, origin["from"],
+                        extra={"event": "damaged", "path": str(out.model), "problem": problem})
+        session = session or (_Session(recipe, out, root, log) if last is None else None)  # the teacher's copy
         _publish_final(recipe, out, model, session, last, origin)
     write_json(out.path / "metrics.json", collect_metrics(out.path))
     write_report(out.path)
@@ -300,7 +302,7 @@ def _publish_final(recipe: Recipe, out: RunDir, model, session: _Session, last: 
     else:
         save_model(model if model is not None else session.working_model(0), session.tokenizer, tmp)
     write_card(recipe, out, tmp, last, final=True)
-    write_json(tmp / SOURCE, {**origin, "files": folder_hashes(tmp)})
+    write_json(tmp / SOURCE, {**origin, "published": folder_hashes(tmp)})
     replace_dir(tmp, out.model)
 
 
@@ -310,13 +312,16 @@ SOURCE = "dsc_source.json"  # in OUT/model: which checkpoint it is a copy of, an
 def published_problem(out: RunDir, origin: dict) -> str | None:
     """Why OUT/model must be (re)published: missing, from another stage, or its files changed
     since dsc wrote them (checked before every `done`); None when it is sound."""
+    if not (out.model / SOURCE).is_file():
+        return "missing"
     try:
         marker = read_json(out.model / SOURCE)
         if {k: marker.get(k) for k in origin} != origin:
-            return "it is not the last checkpoint's copy"
-        return folder_matches(out.model, marker["files"], skip=(SOURCE,))
+            return "stale: not the last checkpoint's copy"
+        problem = folder_matches(out.model, marker["published"], skip=(SOURCE,))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return "it is missing or its dsc_source.json is unreadable"
+        return "damaged: its dsc_source.json is unreadable"
+    return f"damaged: {problem}" if problem else None
 
 
 def write_card(recipe: Recipe, out: RunDir, folder: Path, upto: int | None, final: bool) -> Path:

@@ -167,10 +167,16 @@ class MLflowTracker(Tracker):
         self.client = MlflowClient(tracking_uri=uri)
         self.out, self._last = out, {}
         state = read_json(out / STATE) if (out / STATE).is_file() else {}
+        self.run_id = None
         if state.get("backend") == "mlflow" and state.get("uri") == uri and state.get("run_id"):
-            self.run_id = state["run_id"]  # a resumed run continues its tracked run
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
+            try:
+                self.client.update_run(state["run_id"], status="RUNNING")
+                self.run_id = state["run_id"]  # a resumed run continues its tracked run
+            except Exception as exc:  # noqa: BLE001 - MlflowException: the run is gone from this store
+                logging.getLogger("dsc").warning("MLflow run %s is not in %s any more (%s): starting a new one",
+                                                 state["run_id"], uri, type(exc).__name__,
+                                                 extra={"event": "tracking_new_run"})
+        if self.run_id is None:
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, _artifacts(uri))
             self.run_id = self.client.create_run(exp_id, run_name=run_name, tags={"dsc.run_dir": str(out)}).info.run_id

@@ -48,15 +48,19 @@ def _check_nodes(root: yaml.Node, path: Path) -> list[DscInputError]:
     """Duplicate keys and boolean / null keys, with their field path and line (iterative: no recursion)."""
     problems: list[DscInputError] = []
     stack: list[tuple[yaml.Node, str, int]] = [(root, "", 0)]
+    seen_nodes: set[int] = set()  # an alias is the same node again: visit it once (no "billion laughs")
     while stack:
         node, where, depth = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
         if depth > MAX_DEPTH:
             problems.append(DscInputError(where or "recipe", f"nested deeper than {MAX_DEPTH} levels ({_where(node)})"))
             continue
         if isinstance(node, yaml.SequenceNode):
             stack += [(child, f"{where}[{i}]", depth + 1) for i, child in enumerate(node.value)]
         elif isinstance(node, yaml.MappingNode):
-            seen: dict[str, yaml.Node] = {}
+            seen: dict[tuple[str, str], yaml.Node] = {}
             for key, value in node.value:
                 if not isinstance(key, yaml.ScalarNode):
                     problems.append(DscInputError(where or "recipe", f"a key that is a list or mapping ({_where(key)})"))
@@ -67,11 +71,12 @@ def _check_nodes(root: yaml.Node, path: Path) -> list[DscInputError]:
                     kind = "a boolean" if key.tag.endswith("bool") else "null"
                     problems.append(DscInputError(child, f"YAML reads the key {name!r} as {kind}, not text "
                                                          f"({_where(key)}): quote it, e.g. '{name}':"))
-                elif name in seen:
-                    problems.append(DscInputError(child, f"duplicate key ({_where(key)}; first at {_where(seen[name])}): "
+                elif (key.tag, name) in seen:
+                    first = seen[(key.tag, name)]
+                    problems.append(DscInputError(child, f"duplicate key ({_where(key)}; first at {_where(first)}): "
                                                          "YAML would silently keep the last one; remove one"))
                 else:
-                    seen[name] = key
+                    seen[(key.tag, name)] = key
                 stack.append((value, child, depth + 1))
     return problems
 

@@ -5,10 +5,12 @@ BitsAndBytesConfig, whose serialization saves and reloads them."""
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import torch
 
 from dsc import hf
+from dsc.models import load_quantized
 from dsc.errors import FieldError
 
 
@@ -30,8 +32,7 @@ def reload(model, **quant):
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         model.to("cpu")
-        return hf.causal_lm_from_pretrained(tmp, quantization_config=hf.bitsandbytes_config(**quant), dtype=dtype,
-                                                    device_map={"": torch.cuda.current_device()})
+        return load_quantized(Path(tmp), hf.bitsandbytes_config(**quant), dtype, {"": torch.cuda.current_device()})
 
 
 def nf4(model):

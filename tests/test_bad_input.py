@@ -339,3 +339,6 @@ def test_json_log_format_makes_stdout_json(finished, base, tmp_path, capsys):
     assert problem["path"] == "stages[1].cast.dtype"
     assert cli.main(["--log-format", "json", "report", str(out)]) == 0
     assert json.loads(capsys.readouterr().out) == {"report": str(out / "report.md")}
+    assert cli.main(["--log-format", "json", "stages", "cast"]) == 0
+    (cast,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert cast["stage"] == "cast" and any(f["name"] == "dtype" for f in cast["fields"])

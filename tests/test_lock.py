@@ -83,8 +83,16 @@ def test_upgrade_lifts_and_raises_upper_bounds():
     assert lock.lift_upper_bounds("transformers>=5.0,<5.25") == "transformers>=5.0"
     assert lock.lift_upper_bounds("dsc[demo,data]") == "dsc[data,demo]"
     assert lock.next_minor("5.25.1") == "5.26" and lock.next_minor("7") == "8"
-    text = 'deps = [\n    "transformers>=5.0,<5.25",\n    "peft>=0.13,<0.22",\n    "pyyaml>=6",\n]\n'
+    assert lock.lift_upper_bounds("x~=1.4") == "x>=1.4"
+    text = ('[project]\ndependencies = [\n    "transformers>=5.0,<5.25",\n    "pyyaml>=6",\n]\n'
+            '[project.optional-dependencies]\ntrain = ["peft>=0.13,<0.22"]\n'
+            '[tool.pytest.ini_options]\nmarkers = [\n    "slow: long tests (real teacher)",\n]\n')
     new = lock.raise_upper_bounds(text, {"transformers": "5.26.0", "peft": "0.21.2", "pyyaml": "7.0"})
     assert '"transformers>=5.0,<5.27",' in new  # tested 5.26: the bound moves to the next minor
-    assert '"peft>=0.13,<0.22",' in new  # inside its bound already: unchanged
-    assert '"pyyaml>=6",' in new  # no upper bound: unchanged
+    assert '"peft>=0.13,<0.22"' in new  # inside its bound already: unchanged
+    assert '"pyyaml>=6",' in new and '"slow: long tests (real teacher)"' in new  # untouched
+    real = (ROOT / "pyproject.toml").read_text()
+    pins = lock.read_constraints(ROOT / "constraints.txt")
+    assert lock.raise_upper_bounds(real, pins) == real  # the shipped pins are inside the shipped bounds
+    bumped = lock.raise_upper_bounds(real, {**pins, "transformers": "5.30.1"})
+    assert '"transformers>=5.0,<5.31"' in bumped and bumped.count("\n") == real.count("\n")

@@ -99,12 +99,17 @@ def test_lock_refuses_second_run(llama_dir, text_file, tmp_path):
     assert not (out / "stages").exists()
 
 
+# The first attempt's evaluate stage waits to be killed (or stopped); the rerun runs it at full speed.
+SLOW_EVALUATE = ("import sys, time, dsc.registry as r, dataclasses as d; e = r.STAGES['evaluate']; "
+                 "r.STAGES['evaluate'] = d.replace(e, apply=lambda *a: (time.sleep(120), e.apply(*a))[1]); "
+                 "from dsc.cli import main; sys.exit(main())")
+
+
 def test_kill_mid_run_resumes_without_redoing(llama_dir, text_file, tmp_path):
     """kill -9 while stage 1 runs; the rerun keeps stage 0 and finishes."""
     out = tmp_path / "out"
-    slow = {**EVAL, "decode_tokens": 64, "repeats": 200}
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(llama_dir, text_file, out, [{"cast": {}}, {"evaluate": slow}]))
-    proc = subprocess.Popen([sys.executable, "-m", "dsc.cli", "run", str(recipe)], stderr=subprocess.PIPE, text=True)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(llama_dir, text_file, out, [{"cast": {}}, {"evaluate": EVAL}]))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EVALUATE, "run", str(recipe)], stderr=subprocess.PIPE, text=True)
     first = out / "stages" / "00-cast" / "stage.json"
     deadline = time.monotonic() + 120
     while not first.is_file() and time.monotonic() < deadline and proc.poll() is None:
@@ -125,9 +130,8 @@ def test_kill_mid_run_resumes_without_redoing(llama_dir, text_file, tmp_path):
 
 def test_sigterm_exits_3_and_resumes(llama_dir, text_file, tmp_path):
     out = tmp_path / "out"
-    slow = {**EVAL, "decode_tokens": 64, "repeats": 200}
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(llama_dir, text_file, out, [{"cast": {}}, {"evaluate": slow}]))
-    proc = subprocess.Popen([sys.executable, "-m", "dsc.cli", "--log-format", "json", "run", str(recipe)],
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(llama_dir, text_file, out, [{"cast": {}}, {"evaluate": EVAL}]))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EVALUATE, "--log-format", "json", "run", str(recipe)],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / "stages" / "00-cast").is_dir() and time.monotonic() < deadline:

@@ -26,14 +26,16 @@ STALL_AFTER_6 = ("import sys, time, dsc.distill.loop as l; f = l.Loop.report; "
                  "from dsc.cli import main; sys.exit(main())")
 
 
-def _recipe(tmp_path: Path, model_dir: Path, text_file: Path, tracking: dict) -> Path:
+def _recipe(tmp_path: Path, model_dir: Path, text_file: Path, tracking: dict, distill_first: bool = False) -> Path:
+    """evaluate → distill → evaluate; or distill → evaluate (killed in the first stage, nothing
+    finished yet: the tracked run must survive that too)."""
+    distill = {"distill": {"steps": STEPS, "save_every": 4, "log_every": 1, "eval_every": 5, "batch_size": 2,
+                           "lr": 3e-3, "eval_batches": 1}}
+    evaluate = {"evaluate": {**EVAL, "split": "eval"}}
     raw = {"teacher": str(model_dir), "output": str(tmp_path / "out"), "tracking": tracking,
            "data": {"t": {"type": "text", "path": str(text_file), "block_size": 32,
                           "splits": {"train": 0.75, "eval": 0.25}}},
-           "stages": [{"evaluate": {**EVAL, "split": "eval"}},
-                      {"distill": {"steps": STEPS, "save_every": 4, "log_every": 1, "eval_every": 5, "batch_size": 2,
-                                   "lr": 3e-3, "eval_batches": 1}},
-                      {"evaluate": {**EVAL, "split": "eval"}}]}
+           "stages": [distill, evaluate] if distill_first else [evaluate, distill, evaluate]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -98,12 +100,7 @@ def test_tensorboard_tracks_each_step_once_across_a_kill(llama_dir, text_file, t
     recipe = _recipe(tmp_path, llama_dir, text_file, {"backend": "tensorboard"})
     out = tmp_path / "out"
     _killed_then_resumed(recipe, out)
-    train = EventAccumulator(str(out / "tensorboard" / "01-distill"))
-    train.Reload()
-    assert len(list((out / "tensorboard" / "01-distill").glob("events.*"))) == 2  # one file per attempt
-    for tag in ("loss", "kl", "lr", "tokens_per_s"):
-        assert [e.step for e in train.Scalars(tag)] == list(range(1, STEPS + 1)), tag
-    assert [e.step for e in train.Scalars("eval/ppl")] == [0, 5, 10]
+    _tensorboard_steps_once(out, "01-distill")
     evals = EventAccumulator(str(out / "tensorboard" / "eval"))
     evals.Reload()
     final = json.loads((out / "stages" / "02-evaluate" / "metrics.json").read_text())["model"]["perplexity"]
@@ -115,6 +112,35 @@ def test_tensorboard_tracks_each_step_once_across_a_kill(llama_dir, text_file, t
     run = EventAccumulator(str(out / "tensorboard" / "run"))
     run.Reload()
     assert "recipe/text_summary" in run.Tags()["tensors"]
+
+
+def _tensorboard_steps_once(out: Path, scope: str) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train = EventAccumulator(str(out / "tensorboard" / scope))
+    train.Reload()
+    assert len(list((out / "tensorboard" / scope).glob("events.*"))) == 2  # one file per attempt
+    for tag in ("loss", "kl", "lr", "tokens_per_s"):
+        assert [e.step for e in train.Scalars(tag)] == list(range(1, STEPS + 1)), tag
+    assert [e.step for e in train.Scalars("eval/ppl")] == [0, 5, 10]
+
+
+@pytest.mark.parametrize("backend", ["mlflow", "tensorboard"])
+def test_killed_in_the_first_stage_keeps_the_tracked_run(backend, llama_dir, text_file, tmp_path):
+    """Killed while the first stage trains (no stage finished): the rerun resumes the training
+    checkpoint and the tracked run it logged to."""
+    recipe = _recipe(tmp_path, llama_dir, text_file, {"backend": backend}, distill_first=True)
+    out = tmp_path / "out"
+    _killed_then_resumed(recipe, out)
+    if backend == "tensorboard":
+        _tensorboard_steps_once(out, "00-distill")
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dsc").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "00-distill/loss")] == list(range(1, STEPS + 1))
 
 
 def test_tracking_fields_are_checked_per_backend(llama_dir, text_file, tmp_path):
@@ -157,9 +183,13 @@ def test_model_cards_parse_with_huggingface_hub(llama_dir, text_file, tmp_path):
     assert "| 1 | cast |" in card.text and "```yaml" in card.text and "bfloat16" in card.text
     ckpt = ModelCard.load(out / "stages" / "01-cast" / "model" / "README.md")
     assert ckpt.data.model_name.endswith("stage 1 (cast)") and ckpt.data.eval_results is None
-    # the checkpoint's card is part of what the stage recorded: a resume still verifies it
+    # the checkpoint's card is part of what the stage recorded: a rerun verifies it and changes nothing
     assert "README.md" in json.loads((out / "stages" / "01-cast" / "stage.json").read_text())["files"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "model" in p.parts}
+    stamp = (out / "stages" / "01-cast" / "stage.json").stat().st_mtime_ns
     run_recipe(validate(raw, base_dir=tmp_path))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "model" in p.parts} == before
+    assert (out / "stages" / "01-cast" / "stage.json").stat().st_mtime_ns == stamp
 
 
 def test_embedded_teacher_card_facts():
