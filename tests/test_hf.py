@@ -113,37 +113,9 @@ def test_zero_shot_sharing_under_both_conventions(tokenizer, llama, wrap, monkey
     assert max(abs(a[0] - b[0]) for a, b in zip(got, alone)) < 1e-4
 
 
-@pytest.mark.parametrize("wrap", [None, OldConvention, NewConvention])
-def test_decode_loop_under_both_conventions(llama, wrap):
-    """The speed loop decodes with the cache under either name, without transformers' deprecation
-    warning for the old one on the installed release."""
-    records = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    logger = logging.getLogger("transformers")
-    handler = Keep()
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:  # deprecate_kwarg warns through `warnings`
-            warnings.simplefilter("always")
-            result = speed(wrap(llama) if wrap else llama, 300, batch_size=1, prompt_length=4, decode_tokens=3,
-                           repeats=1)
-    finally:
-        logger.removeHandler(handler)
-    assert result["decode_tokens_per_s"] > 0
-    if wrap is None:
-        said = records + [str(w.message) for w in caught]
-        assert not [r for r in said if "past_key_values" in r or "deprecated" in r.lower()], said
-
-
-def test_the_old_name_is_what_warns(llama):
-    """The check above can fail: passing the old name to a 5.24+ model warns, and it is seen."""
-    if INSTALLED != "cache":
-        pytest.skip("the installed transformers takes past_key_values itself")
-    out = llama(input_ids=torch.tensor([[1, 2]]), use_cache=True)
+def _said_by_transformers(fn) -> tuple[object, list[str]]:
+    """fn()'s result and what transformers said meanwhile: its log records and Python warnings
+    (deprecate_kwarg warns through `warnings`, warning_once through its logger)."""
     records = []
 
     class Keep(logging.Handler):
@@ -156,8 +128,30 @@ def test_the_old_name_is_what_warns(llama):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            llama(input_ids=torch.tensor([[3]]), past_key_values=hf.output_cache(out), use_cache=True)
+            result = fn()
     finally:
         logger.removeHandler(handler)
     said = records + [str(w.message) for w in caught]
-    assert [r for r in said if "past_key_values" in r or "deprecated" in r.lower()], said
+    return result, [r for r in said if "past_key_values" in r or "deprecated" in r.lower()]
+
+
+@pytest.mark.parametrize("wrap", [None, OldConvention, NewConvention])
+def test_decode_loop_under_both_conventions(llama, wrap):
+    """The speed loop decodes with the cache under either name, without transformers' deprecation
+    warning for the old one on the installed release."""
+    model = wrap(llama) if wrap else llama
+    result, deprecations = _said_by_transformers(
+        lambda: speed(model, 300, batch_size=1, prompt_length=4, decode_tokens=3, repeats=1))
+    assert result["decode_tokens_per_s"] > 0
+    if wrap is None:
+        assert not deprecations, deprecations
+
+
+def test_the_old_name_is_what_warns(llama):
+    """The check above can fail: passing the old name to a 5.24+ model warns, and it is seen."""
+    if INSTALLED != "cache":
+        pytest.skip("the installed transformers takes past_key_values itself")
+    out = llama(input_ids=torch.tensor([[1, 2]]), use_cache=True)
+    _, deprecations = _said_by_transformers(
+        lambda: llama(input_ids=torch.tensor([[3]]), past_key_values=hf.output_cache(out), use_cache=True))
+    assert deprecations
