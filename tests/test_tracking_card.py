@@ -125,7 +125,7 @@ def _tensorboard_steps_once(out: Path, scope: str) -> None:
     assert [e.step for e in train.Scalars("eval/ppl")] == [0, 5, 10]
 
 
-@pytest.mark.parametrize("backend", ["mlflow", "tensorboard"])
+@pytest.mark.parametrize("backend", [pytest.param("mlflow", marks=pytest.mark.slow), "tensorboard"])
 def test_killed_in_the_first_stage_keeps_the_tracked_run(backend, llama_dir, text_file, tmp_path):
     """Killed while the first stage trains (no stage finished): the rerun resumes the training
     checkpoint and the tracked run it logged to."""
