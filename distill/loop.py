@@ -216,7 +216,6 @@ class Loop:
                       extra={"event": "train_resume", "step": self.step})
         return self.step
 
-
     def _read_checkpoint(self) -> tuple[dict, dict] | None:
         """(meta, state) of the last checkpoint, or None when it is damaged (then training starts
         over: the checkpoint is dsc's own, and a wrong one must not be resumed from)."""

@@ -113,10 +113,8 @@ def _print(args, obj, text: str) -> None:
 
 
 def cmd_validate(args, log) -> int:
-    from dsc.errors import DscInputError
+    from dsc.errors import DscInputError, RecipeError
     from dsc.recipe import load_recipe
-
-    from dsc.errors import RecipeError
 
     bad = 0
     for path in args.recipes:
@@ -165,10 +163,9 @@ def cmd_stages(args, log) -> int:
 
 
 def cmd_eval(args, log) -> int:
-    from dsc.evaluate_cli import evaluate_model_cli
-
     from dsc import paths
     from dsc.errors import DscInputError
+    from dsc.evaluate_cli import evaluate_model_cli
 
     if args.json_out:  # checked before the work, not after it
         target = Path(args.json_out)
@@ -206,7 +203,7 @@ def cmd_push(args, log) -> int:
     folder = folder / "model" if (folder / "model").is_dir() else folder
     url = hub.push(folder, args.repo_id, private=args.private)
     log.info("pushed %s to %s", folder, url, extra={"event": "pushed", "repo_id": args.repo_id, "url": url})
-    print(json.dumps({"url": url}) if args.log_format == "json" else url)
+    _print(args, {"url": url}, url)
     return 0
 
 

@@ -31,17 +31,20 @@ def hash_files(paths: Iterable[Path]) -> str:
     for path in paths:
         path = Path(path)
         h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                h.update(chunk)
+        _feed(h, path)
     return h.hexdigest()
 
 
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
+def _feed(h, path: Path) -> None:
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
             h.update(chunk)
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of one file's contents."""
+    h = hashlib.sha256()
+    _feed(h, path)
     return h.hexdigest()
 
 

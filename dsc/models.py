@@ -178,7 +178,7 @@ def load_tokenizer(source: Source, ref: ModelRef, field: str = "teacher.path"):
             tok = hf.tokenizer_from_pretrained(source.location, gguf_file=source.gguf_file)
         else:
             tok = hf.tokenizer_from_pretrained(source.location, revision=ref.revision,
-                                                trust_remote_code=ref.trust_remote_code)
+                                               trust_remote_code=ref.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise DscInputError(field, f"cannot load a tokenizer from {source.location!r}: {exc}") from exc
     return tok

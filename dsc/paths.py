@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -27,8 +28,6 @@ def kind(path: Path, field: str) -> Literal["file", "dir", "missing", "other"]:
         raise refused(exc, field, path) from None
     except ValueError as exc:  # "embedded null byte"
         raise DscInputError(field, f"{str(path)!r} is not a usable path: {exc}") from None
-    import stat
-
     return "file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other"
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from struct import error as struct_error
 from typing import Any
 
+import yaml
 from pydantic import Field, field_validator
 
 from dsc import paths, yamlio
@@ -72,6 +73,10 @@ class Recipe:
             **({"tracking": self.tracking.model_dump()} if self.tracking else {}),
         }
 
+    def to_yaml(self) -> str:
+        """`to_dict()` as written to OUT/recipe.yaml (and into model cards and trackers)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
 
 class _Top(Config):
     seed: int = Field(0, ge=0, lt=2**32)
@@ -120,9 +125,8 @@ def validate(raw: Any, base_dir: Path = Path("."), default_output: str | None = 
     tracking = gather(problems, TrackingConfig.parse, raw["tracking"], "tracking") if "tracking" in raw else None
     if output is not None:
         gather(problems, check_output, (base_dir / output.dir).resolve(), "output")
-    if top is not None and top.cache_dir is not None and \
-            gather(problems, paths.kind, (base_dir / top.cache_dir).resolve(), "cache_dir") not in (None, "missing", "dir"):
-        problems.append(DscInputError("cache_dir", f"{(base_dir / top.cache_dir).resolve()} is a file, not a folder"))
+    if top is not None and top.cache_dir is not None:
+        gather(problems, _check_cache_dir, (base_dir / top.cache_dir).resolve())
     if stages:
         gather(problems, _stage_order, stages)
     if data and stages:
@@ -184,6 +188,11 @@ def _stages(raw: Any) -> tuple[StageSpec, ...]:
     if problems:
         raise RecipeError(problems)
     return tuple(specs)
+
+
+def _check_cache_dir(path: Path) -> None:
+    if paths.kind(path, "cache_dir") not in ("missing", "dir"):
+        raise DscInputError("cache_dir", f"{path} is a file, not a folder")
 
 
 def _output(raw: Any) -> Output:
@@ -256,7 +265,7 @@ def _stage_order(stages: tuple[StageSpec, ...]) -> None:
     """Each stage gets weights it can work on: after a quantizer, only what takes quantized
     weights (evaluate; qat on a 3/4/8-bit grid) may follow. Checked here, not hours in."""
     problems, kind, by = [], "float", None
-    for i, spec in enumerate(stages):
+    for spec in stages:
         stage = STAGES[spec.name]
         takes_own_student = getattr(spec.config, "student", None) is not None  # distill: the incoming model is unused
         if kind not in stage.takes and not takes_own_student:

@@ -46,6 +46,7 @@ class RunDir:
         self.model = self.path / "model"
         self.data = self.path / "data"
         self.work = self.path / "work"
+        self.sound: set[str] = set()  # stage folders whose checkpoint this run wrote or verified
         self._lock = None
 
     def claim(self) -> None:
@@ -98,6 +99,7 @@ class RunDir:
             shutil.rmtree(self.path / name, ignore_errors=True)
         for name in RUN_FILES + (() if keep_work else ("tracking.json",)):
             (self.path / name).unlink(missing_ok=True)
+        self.sound.clear()
 
     def remove_partial(self) -> None:
         """Drop temporaries a killed run left behind."""
@@ -157,6 +159,7 @@ class RunDir:
                 damaged[index] = f"its checkpoint changed: {problem}"
                 continue
             out[index] = info
+            self.sound.add(d.name)
         return out, damaged
 
     def read_manifest(self) -> dict | None:
@@ -213,6 +216,7 @@ class RunDir:
             index = stage_index(d)
             if index is not None and index >= start:
                 shutil.rmtree(d)  # dsc's own folders, rebuilt in order from here
+                self.sound.discard(d.name)
         return start
 
     def _refuse(self, why: str) -> None:

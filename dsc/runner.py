@@ -8,18 +8,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
-from dsc import __version__, hf, parallel
+from dsc import __version__, hf, hub, parallel
 from dsc.context import Context, DataStore, default_cache_dir, pick_device
 from dsc.data.pipeline import tokenizer_fingerprint
 from dsc.data.sources import resolve_file, source_fingerprint
 from dsc.errors import DscInputError, FieldError, RunInterrupted
 from dsc.evaluation import disk_bytes
 from dsc.fingerprint import folder_hashes, folder_matches, hash_files, hash_json, read_json, write_json, write_text
-from dsc import hub
-from dsc.models import ModelRef, card_facts, fingerprint as model_fingerprint, load_checkpoint, load_model, load_tokenizer, \
-    replace_dir, resolve, save_model
+from dsc.models import ModelRef, card_facts, fingerprint as model_fingerprint, load_checkpoint, load_model, \
+    load_tokenizer, replace_dir, resolve, save_model
 from dsc.recipe import Recipe
 from dsc.registry import STAGES
 from dsc.report import collect_metrics, write_report
@@ -101,15 +98,14 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, fresh: bool = F
         start = out.check_resume(chain, [s.name for s in recipe.stages],
                                  [s.config.model_dump() for s in recipe.stages], root, log)
         out.keep_work({out.work_dir(i, s.name, chain[i]) for i, s in enumerate(recipe.stages) if i >= start})
-        write_text(out.path / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        write_text(out.path / "recipe.yaml", recipe.to_yaml())
         update_manifest(out, recipe, root, start, log)
         if start:
             log.info("resuming %s after %d finished stage(s)", out.path, start, extra={"event": "resume", "start": start})
         tracker = open_tracker(recipe.tracking, recipe.base_dir, out.path)
         status = "FAILED"
         try:
-            tracker.start({"recipe": recipe.to_dict(), "versions": versions()},
-                          yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            tracker.start({"recipe": recipe.to_dict(), "versions": versions()}, recipe.to_yaml())
             for i in range(start):  # finished before a kill, perhaps before they were logged
                 _track_stage(tracker, out, recipe, i)
             _run_stages(recipe, out, start, chain, root, log, tracker)
@@ -188,12 +184,15 @@ class _Session:
 
 
 def verified_checkpoint(out: RunDir, recipe: Recipe, i: int) -> Path:
-    """Stage i's model folder, refused if its files changed (sha256) since the stage wrote them."""
+    """Stage i's model folder, refused if its files changed (sha256) since the stage wrote them;
+    hashed once a run (a folder this run wrote or already verified is not read again)."""
     folder = out.stage_dir(i, recipe.stages[i].name)
-    problem = folder_matches(folder / "model", read_json(folder / "stage.json")["files"])
-    if problem:
-        raise DscInputError("output", f"{folder / 'model'} changed since stage {i} wrote it ({problem}): rerun "
-                            "to rebuild it from the stage before, or with --fresh to start over")
+    if folder.name not in out.sound:
+        problem = folder_matches(folder / "model", read_json(folder / "stage.json")["files"])
+        if problem:
+            raise DscInputError("output", f"{folder / 'model'} changed since stage {i} wrote it ({problem}): rerun "
+                                "to rebuild it from the stage before, or with --fresh to start over")
+        out.sound.add(folder.name)
     return folder / "model"
 
 
@@ -202,19 +201,13 @@ def last_checkpoint(recipe: Recipe, end: int) -> int | None:
     return next((i for i in range(end - 1, -1, -1) if STAGES[recipe.stages[i].name].changes_model), None)
 
 
-def file_stats(folder: Path) -> dict[str, list]:
-    """name → [size, sha256] of a model folder's files, as a stage records them."""
-    return folder_hashes(folder)
-
-
 def _track_stage(tracker: Tracker, out: RunDir, recipe: Recipe, i: int) -> None:
     folder = out.stage_dir(i, recipe.stages[i].name)
     tracker.stage_done(out.path, i, folder.name, read_json(folder / "metrics.json"), recipe.stages[i].name == "evaluate")
 
 
 def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root: dict, log,
-                tracker: Tracker | None = None) -> None:
-    tracker = tracker or Tracker()
+                tracker: Tracker) -> None:
     todo = list(range(start, len(recipe.stages)))
     last = last_checkpoint(recipe, len(recipe.stages))
     first = "teacher" if recipe.student is None else "student"
@@ -274,13 +267,14 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
         save_model(result.model, ctx.tokenizer, tmp / "model")
         write_card(recipe, out, tmp / "model", i, final=False)
         metrics["checkpoint_disk_bytes"] = disk_bytes(tmp / "model")
-        info["files"] = file_stats(tmp / "model")
+        info["files"] = folder_hashes(tmp / "model")
     write_json(tmp / "metrics.json", metrics)
     write_json(tmp / "stage.json", {"index": i, "name": spec.name, "config": spec.config.model_dump(),
                                     "fingerprint": fingerprint, "seconds": round(seconds, 3), **info,
                                     "dsc_version": __version__,
                                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     replace_dir(tmp, final)
+    out.sound.add(final.name)  # just hashed into its stage.json: loading it next needs no second read
     shutil.rmtree(work, ignore_errors=True)  # finished: nothing to resume
     log.info("stage %d/%d: %s done in %.1fs", i + 1, len(recipe.stages), spec.name, seconds,
              extra={"event": "stage_done", "index": i, "stage": spec.name, "seconds": seconds})
@@ -340,6 +334,6 @@ def write_card(recipe: Recipe, out: RunDir, folder: Path, upto: int | None, fina
     title = out.path.name if final else f"{out.path.name}: stage {upto} ({recipe.stages[upto].name})"
     text = hub.card_text(title=title, teacher=card_facts(start, resolve(start, recipe.base_dir)), stages=applied,
                          tables=metrics["evaluations"], own_rows=own, quant=hub.quantization(folder),
-                         recipe_yaml=yaml.safe_dump(recipe.to_dict(), sort_keys=False), version=__version__)
+                         recipe_yaml=recipe.to_yaml(), version=__version__)
     return hub.write_card(folder, text)
 

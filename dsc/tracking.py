@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,7 +97,8 @@ class Tracker:
         if self.name == "none":
             return
         state = read_json(out / STATE) if (out / STATE).is_file() else {}
-        if state.get("backend") == self.name and folder in state.get("stages_logged", []):
+        logged = state.get("stages_logged", []) if state.get("backend") == self.name else []
+        if folder in logged:
             return
         self.log("stages", flatten(metrics, folder), index)
         if is_evaluate:
@@ -104,8 +106,6 @@ class Tracker:
             self.log("eval", flatten(model), index)
             if "teacher" in metrics:
                 self.log("teacher", flatten(metrics["teacher"]), 0)
-        state = read_json(out / STATE) if (out / STATE).is_file() else {}
-        logged = state.get("stages_logged", []) if state.get("backend") == self.name else []
         write_json(out / STATE, {**state, "backend": self.name, "stages_logged": logged + [folder]})
 
     def close(self, status: str = "FINISHED") -> None:
@@ -165,7 +165,7 @@ class MLflowTracker(Tracker):
         for name in ("alembic", "mlflow"):  # schema migrations and store notices would break JSON logs
             logging.getLogger(name).setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=uri)
-        self.out, self._last = out, {}
+        self._last: dict[str, int] = {}  # metric key → the last step the run holds
         state = read_json(out / STATE) if (out / STATE).is_file() else {}
         self.run_id = None
         if state.get("backend") == "mlflow" and state.get("uri") == uri and state.get("run_id"):
@@ -201,17 +201,14 @@ class MLflowTracker(Tracker):
     def log(self, scope: str, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        fresh = []
+        now, fresh = int(time.time() * 1000), []
         for key, value in values.items():
             name = f"{scope}/{key}"
-            if step > self._last_step(name):  # logged before a kill, recomputed identically now
-                fresh.append(Metric(name, value, 0, step))
+            if step > self._last_step(name):  # else logged before a kill, recomputed identically now
+                fresh.append(Metric(name, value, now, step))
                 self._last[name] = step
         if fresh:
-            import time
-
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(m.key, m.value, now, m.step) for m in fresh])
+            self.client.log_batch(self.run_id, metrics=fresh)
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

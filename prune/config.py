@@ -57,16 +57,16 @@ class PruneConfig(Config):
     targets: list[str] = Field(default_factory=list, description="regexes over layer paths (model.layers.N) that "
                                                                  "may be removed by depth pruning; empty: all")
     ignore: list[str] = Field(default_factory=list, description="regexes over layer paths never removed")
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _compiles(cls, v: list[str]) -> list[str]:
-        return check_regexes(v)
     data: str | None = Field(None, description="calibration data source (default: the recipe's first)")
     split: Literal["calibration", "train", "eval", "all"] = Field("calibration", description="split to calibrate on")
     num_samples: int = Field(32, gt=0, description="calibration blocks")
     batch_size: int = Field(4, gt=0, description="calibration blocks per forward pass")
     seed: int = Field(0, ge=0, description="seed of the random importance")
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        return check_regexes(v)
 
     @model_validator(mode="after")
     def _something_to_cut(self):

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from dsc import hf
-from dsc.models import load_quantized
 from dsc.errors import FieldError
+from dsc.models import load_quantized
 
 
 def unavailable(what: str) -> str | None:

@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from dsc import hf
-
 from dsc.quantize.experts import ATTR, QuantizedExperts, is_fused
 from dsc.quantize.grid import Grid, Quantized
 

@@ -36,7 +36,7 @@ import yaml
 
 from conftest import STORIES
 from dsc.rundir import RunDir
-from dsc.runner import file_stats
+from dsc.fingerprint import folder_hashes as file_stats
 
 SEEDS = [0, 1, 2]
 # Where a seed's first kill is timed from: the lock (setup, data, prune), the start of distill,

@@ -166,8 +166,8 @@ def sample_from_teacher(model, tokenizer, src: TeacherSource, seed: int, progres
     prefix = torch.tensor([bos] + start, device=device)
     eos = tokenizer.eos_token_id
     gen = hf.generation_config(do_sample=True, temperature=src.temperature, top_k=src.top_k, top_p=1.0,
-                           max_new_tokens=src.length, min_new_tokens=src.length,
-                           pad_token_id=eos if eos is not None else 0, eos_token_id=eos)
+                               max_new_tokens=src.length, min_new_tokens=src.length,
+                               pad_token_id=eos if eos is not None else 0, eos_token_id=eos)
     pieces = []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # seeded without touching the caller's RNG
