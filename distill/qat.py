@@ -134,7 +134,7 @@ def _export(model: nn.Module, names: list[str], grid: Grid) -> dict[str, Quantiz
         module = model.get_submodule(name)
         fq = module.parametrizations.weight[0]
         latent = module.parametrizations.weight.original.detach()
-        scale = fq.scale.detach().abs().clamp(min=1e-8).to(latent.dtype).float()
+        scale = grid.store(fq.scale.detach().abs().clamp(min=1e-8)).to(latent.dtype).float()
         zero = fq.zero.detach()
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         module.weight.data.copy_(grid.fake(latent, scale, zero).to(module.weight.dtype))

@@ -23,6 +23,11 @@ class TargetsConfig(Config):
                             "int32, what llm-compressor writes for W4A16 and vLLM serves), int-quantized (one int8 "
                             "per weight); auto: pack-quantized for symmetric weight-only, else int-quantized")
 
+    scale_dtype: Literal["weight", "float16"] = Field(
+        "weight", description="float16: every scale is rounded to a float16 value while it is searched (asymmetric "
+                              "grids: 7 significant bits), so an `export: {format: gguf}` stores the grid bit-exactly "
+                              "as Q4_0 / Q4_1 / Q8_0 blocks; weight: scales in the weights' dtype")
+
     @field_validator("targets", "ignore")
     @classmethod
     def _compiles(cls, v: list[str]) -> list[str]:

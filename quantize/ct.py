@@ -143,6 +143,20 @@ def experts_qparam_bytes(model: nn.Module) -> int:
     return total
 
 
+def linear_grid(module: nn.Module) -> Quantized | None:
+    """The grid a quantized linear's weight lies on, with its scale and zero point (out, G) in
+    float32, read off the compressed-tensors attributes; None for a float linear."""
+    scheme = getattr(module, "quantization_scheme", None)
+    args = scheme.weights if scheme is not None else None
+    if args is None:
+        return None
+    grid = Grid(args.num_bits, args.group_size if args.strategy == "group" else None, bool(args.symmetric))
+    scale = module.weight_scale.detach().float().reshape(module.weight.shape[0], -1)
+    zp = getattr(module, "weight_zero_point", None)
+    zero = zp.detach().float().reshape(scale.shape) if zp is not None and not args.symmetric else torch.zeros_like(scale)
+    return Quantized(grid, scale, zero)
+
+
 def qparam_names(model: nn.Module) -> set[str]:
     """Names of the quantization parameters (scales, zero points) of quantized linears."""
     return {f"{name}.{p}" for name, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None
@@ -243,7 +257,7 @@ def _add_shard(dest: Path, tensors: dict[str, torch.Tensor]) -> None:
     index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _unpacked(model: nn.Module) -> None:
+def unpacked(model: nn.Module) -> None:
     """A model just loaded from a packed checkpoint is still COMPRESSED (transformers unpacks it on
     its first forward): unpack it now, so that saving packs it exactly once."""
     from compressed_tensors.compressors import ModelCompressor
@@ -306,7 +320,7 @@ def save_pretrained(model: nn.Module, dest: Path) -> None:
     """model.save_pretrained in compressed-tensors form; the model in memory keeps its weights."""
     from compressed_tensors.compressors import ModelCompressor
 
-    _unpacked(model)
+    unpacked(model)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     try:

@@ -22,6 +22,11 @@ class Grid:
     bits: int
     group_size: int | None  # None: one scale per output channel
     symmetric: bool
+    # "float16": every scale is a float16 value, rounded where it is taken (so searches score the
+    # grid as it will be stored): GGUF's Q4_0 / Q4_1 / Q8_0 blocks then hold the grid bit-exactly.
+    # Asymmetric scales keep 7 significant bits, so that Q4_1's block minimum −(zero − qmin)·scale is
+    # a float16 value too.
+    scale_dtype: str | None = None
 
     @property
     def qmin(self) -> int:
@@ -51,13 +56,24 @@ class Grid:
         lo = g.amin(-1).clamp(max=0) * clip
         hi = g.amax(-1).clamp(min=0) * clip
         span = self.qmax - self.qmin
+        scale = torch.maximum(-lo, hi) / (span / 2) if self.symmetric else (hi - lo) / span
+        scale = self.store(scale.clamp(min=torch.finfo(torch.float32).tiny * 1e3))
         if self.symmetric:
-            scale = torch.maximum(-lo, hi) / (span / 2)
-            zero = torch.zeros_like(scale)
-        else:
-            scale = (hi - lo) / span
-            zero = torch.round(self.qmin - lo / scale.clamp(min=1e-12)).clamp(self.qmin, self.qmax)
-        return scale.clamp(min=torch.finfo(torch.float32).tiny * 1e3), zero
+            return scale, torch.zeros_like(scale)
+        return scale, torch.round(self.qmin - lo / scale).clamp(self.qmin, self.qmax)
+
+    def store(self, scale: torch.Tensor) -> torch.Tensor:
+        """`scale` as this grid stores it (see `scale_dtype`); unchanged by default."""
+        if self.scale_dtype is None:
+            return scale
+        if self.scale_dtype != "float16":
+            raise ValueError(f"scale_dtype {self.scale_dtype!r}: only float16 is supported")
+        tiny = 2.0 ** -14  # float16's smallest normal: below it float16 loses bits
+        scale = scale.clamp(min=tiny, max=60000.0)
+        if not self.symmetric:  # 7 significant bits: times a 4-bit integer still fits float16's 11
+            mant, exp = torch.frexp(scale)
+            scale = torch.ldexp(torch.round(mant * 128) / 128, exp)
+        return scale.to(torch.float16).float()
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integer codes (out, in) as int8, for scale/zero (out, G)."""

@@ -56,8 +56,12 @@ def select(model: nn.Module, cfg: TargetsConfig) -> tuple[list[str], list[str]]:
     return chosen, experts
 
 
+def scale_dtype(cfg) -> str | None:
+    return None if cfg.scale_dtype == "weight" else cfg.scale_dtype
+
+
 def _grid(cfg: GridConfig, model: nn.Module, names: list[str], experts: list[str] = ()) -> Grid:
-    grid = Grid(cfg.bits, cfg.group_size, cfg.symmetric)
+    grid = Grid(cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype(cfg))
     for name in names:  # every width is checked before any work is done
         grid.group(model.get_submodule(name).in_features, name)
     for name in experts:
@@ -173,7 +177,7 @@ def apply_int8(model, cfg: Int8Config, ctx) -> StageOutput:
         return StageOutput(int8_model(model, cfg, ctx), {"backend": "bitsandbytes LLM.int8"})
     names, experts = select(model, cfg)
     _untied(model, names)
-    grid = Grid(8, None, True)
+    grid = Grid(8, None, True, scale_dtype(cfg))
     if cfg.needs_data:
         done, _ = _layerwise(model, cfg, ctx, names + experts, Plan(grid, "smooth", alpha=cfg.smoothing))
     else:

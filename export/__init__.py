@@ -1,0 +1,1 @@
+"""dsc.export: artifacts for the runtimes people deploy with (GGUF for llama.cpp)."""
