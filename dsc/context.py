@@ -91,6 +91,10 @@ class Context:
     teacher_loader: Callable[[], Any] | None = None
     tracker: Tracker = field(default_factory=Tracker)  # the recipe's `tracking` (no-op without)
     scope: str = "train"  # the running stage's folder name (NN-name): its metrics' prefix
+    artifact_dir: Path | None = None  # where an artifact stage (export) writes its files
+    artifacts: list[dict] = field(default_factory=list)  # files of finished artifact stages: {index, format, path}
+    teacher_file: Path | None = None  # the teacher's GGUF file, when it came as one
+    provenance: dict = field(default_factory=dict)  # what exported files say of their making (name, recipe, stage)
     _teacher: Any = None
     _baselines: dict[str, dict] = field(default_factory=dict)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -138,6 +139,39 @@ class PeakMemory:
         return False
 
 
+class CpuContention:
+    """How many cores other processes kept busy while a block ran (machine-wide busy time from
+    /proc/stat minus this process's own, over the wall time). Timings taken while others held
+    the CPU are not what the model does alone: torch's and llama.cpp's threads wait on them."""
+
+    def __enter__(self):
+        self.others = None
+        self._start = (_busy_seconds(), _own_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        busy, own, t0 = self._start
+        now = _busy_seconds()
+        if busy is not None and now is not None:
+            wall = max(time.perf_counter() - t0, 1e-9)
+            self.others = round(max(0.0, (now - busy) - (_own_seconds() - own)) / wall, 3)
+        return False
+
+
+def _busy_seconds() -> float | None:
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def _proc_status(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -171,7 +205,7 @@ def speed(model, vocab_size: int, batch_size: int, prompt_length: int, decode_to
     cache_name = hf.cache_argument(model)  # looked up once: not inside the timed loop
     if decode_tokens and cache_name is None:
         raise TypeError(f"{type(model).__name__}.forward takes no KV cache: decode speed cannot be measured")
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem, CpuContention() as busy:
         for rep in range(repeats + 1):  # rep 0 warms up kernels and allocator
             _sync(device)
             t0 = time.perf_counter()
@@ -193,6 +227,7 @@ def speed(model, vocab_size: int, batch_size: int, prompt_length: int, decode_to
         "decode_tokens_per_s": batch_size * decode_tokens / statistics.median(decode) if decode_tokens else None,
         "activation_peak_bytes": mem.extra,
         "memory_method": mem.method,
+        "other_cpu_load": busy.others if device.type == "cpu" else None,
         "speed_protocol": {"batch_size": batch_size, "prompt_length": prompt_length, "decode_tokens": decode_tokens,
                            "repeats": repeats, "threads": torch.get_num_threads(), "device": str(device)},
     }

@@ -275,8 +275,26 @@ def _stage_order(stages: tuple[StageSpec, ...]) -> None:
             problems.append(DscInputError(spec.path, f"would get the {what} that {by} wrote: {fix}"))
         if stage.gives is not None:
             kind, by = stage.gives, spec.path
+    problems += _artifact_rules(stages)
     if problems:
         raise RecipeError(problems)
+
+
+def _artifact_rules(stages: tuple[StageSpec, ...]) -> list[DscInputError]:
+    """Export files land side by side in OUT/export/ (one name each), and a llama.cpp evaluation
+    measures the GGUF of an export before it."""
+    problems, files = [], {}
+    for spec in stages:
+        cfg = spec.config
+        if STAGES[spec.name].artifact:
+            if cfg.file in files:
+                problems.append(DscInputError(f"{spec.path}.file", f"{files[cfg.file]} writes {cfg.file} too: give "
+                                              "each export its own file name (both land in OUT/export/)"))
+            files.setdefault(cfg.file, spec.path)
+        if getattr(cfg, "runtime", "transformers") == "llama.cpp" and not files:
+            problems.append(DscInputError(f"{spec.path}.runtime", "llama.cpp measures a GGUF file: put an `export` "
+                                          "stage (format: gguf) before this evaluate stage"))
+    return problems
 
 
 def _cross_stage(stages: tuple[StageSpec, ...], data: dict[str, Any], limit: int | None) -> None:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dsc.config import Config
-from dsc import distill, prune, quantize
+from dsc import distill, export, prune, quantize
 from dsc.stages import cast, evaluate
 
 
@@ -20,6 +20,7 @@ class Stage:
     # float, grid (3/4/8-bit weights, compressed-tensors) or int8 (the int8 stage's W8 / W8A8).
     takes: tuple[str, ...] = ("float",)
     gives: str | None = "float"  # None: what it took (evaluate)
+    artifact: bool = False  # True: the stage writes files (ctx.artifact_dir), published under OUT/export/
 
 
 STAGES: dict[str, Stage] = {
@@ -47,4 +48,7 @@ STAGES: dict[str, Stage] = {
     "int8": Stage(quantize.Int8Config, quantize.apply_int8, True,
                   "INT8: weight-only per channel, or W8A8 with SmoothQuant and dynamic per-token activations",
                   gives="int8"),
+    "export": Stage(export.ExportConfig, export.apply, False,
+                    "write the model for a runtime: GGUF for llama.cpp / ollama, dsc's grids stored exactly",
+                    takes=("float", "grid", "int8"), gives=None, artifact=True),
 }

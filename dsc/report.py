@@ -55,13 +55,15 @@ def evaluation_tables(stages: list[dict]) -> list[dict]:
         table = tables.setdefault(hash_json(proto), {"protocol": proto, "tasks": [], "rows": []})
         table["tasks"] += [t for t in m["model"].get("zero_shot", {}) if t not in table["tasks"]]
         after = [p["name"] for p in stages if p["index"] < s["index"] and p["name"] != "evaluate"]
-        if "teacher" in m and not any(r["label"] == "teacher" for r in table["rows"]):
+        if "teacher" in m and "teacher" not in table:
+            table["teacher"] = m["teacher"]  # the row shown: every ratio of this table is against it
             table["rows"].insert(0, _row("teacher", None, m["teacher"], m["teacher"]))
         if m["model"] == m.get("teacher"):
             continue  # the teacher itself, measured by this stage: its row is the teacher's
         label = f"stages[{s['index']}] after {' → '.join(after)}" if after else f"stages[{s['index']}] (unchanged)"
-        table["rows"].append(_row(label, s["index"], m["model"], m.get("teacher")))
+        table["rows"].append(_row(label, s["index"], m["model"], table.get("teacher")))
     for table in tables.values():  # a table with zero-shot tasks measures quality by them alone
+        table.pop("teacher", None)
         for r in table["rows"]:
             if table["tasks"] and not r["zero_shot"]:
                 r["quality_retained"] = None
@@ -71,6 +73,8 @@ def evaluation_tables(stages: list[dict]) -> list[dict]:
 def _row(label: str, index: int | None, m: dict, teacher: dict | None) -> dict:
     keys = [k for _, k, _ in COLUMNS + SPEED_COLUMNS]
     row = {"label": label, "stage": index, **{k: m.get(k) for k in keys}, "memory_method": m.get("memory_method")}
+    row["busy_cpu"] = (m.get("other_cpu_load") or 0) > CpuBusy.THRESHOLD  # others held the CPU while it was timed
+    row["runtime"] = m.get("runtime")
     row["zero_shot"] = {t: {k: v.get(k) for k in ("acc", "acc_norm", "perplexity", "items")}
                         for t, v in m.get("zero_shot", {}).items()}
     teacher = teacher or {}
@@ -115,6 +119,13 @@ def matrix_columns(table: dict) -> list[tuple[str, callable, str]]:
     return cols + [(h, key(k), f) for h, k, f in SPEED_COLUMNS]
 
 
+class CpuBusy:
+    THRESHOLD = 0.25  # cores other processes kept busy during a speed measurement (dsc.evaluation.CpuContention)
+    MARK = " †"
+    NOTE = ("† measured while other processes kept more than a quarter of a core busy: its speed is not what the "
+            "model does alone (rerun on an idle machine).")
+
+
 def _fmt(value, fmt: str) -> str:
     if value is None:
         return "–"
@@ -123,8 +134,9 @@ def _fmt(value, fmt: str) -> str:
 
 def protocol_line(p: dict) -> str:
     windows = f", first {p['max_windows']} windows" if p.get("max_windows") else ""
+    runtime = f"; in {p['runtime']} (the teacher as an F32 GGUF)" if p.get("runtime") else ""
     return (f"perplexity on data `{p['dataset']}` (tokens {p['tokens']}), split `{p['split']}`, context "
-            f"{p['context_length']}, stride {p['stride']}{windows}, {p['level']}-level")
+            f"{p['context_length']}, stride {p['stride']}{windows}, {p['level']}-level{runtime}")
 
 
 def _tasks_line(table: dict) -> str | None:
@@ -151,7 +163,26 @@ def blocks(run: Path, metrics: dict) -> list[tuple]:
     out += [("h2", "Stages"), ("table", ["#", "stage", "seconds", "checkpoint MB on disk"],
                                 [[str(s["index"]), s["name"], f"{s['seconds']:.1f}",
                                   _fmt(s["metrics"].get("checkpoint_disk_bytes"), "mb")] for s in metrics["stages"]])]
-    return out + training_blocks(metrics["stages"])
+    return out + training_blocks(metrics["stages"]) + export_blocks(metrics["stages"])
+
+
+def export_blocks(stages: list[dict]) -> list[tuple]:
+    """Files the artifact stages wrote (OUT/export/)."""
+    rows = [s for s in stages if s["metrics"].get("artifacts")]
+    if not rows:
+        return []
+    body = []
+    for s in rows:
+        m = s["metrics"]
+        types = ", ".join(f"{k.upper()} ×{v}" for k, v in sorted(m.get("tensor_types", {}).items()))
+        exact = m.get("grid_tensors_checked")
+        note = [f"{exact} grid tensors bit-exact" if exact else None,
+                f"{len(m['requantized'])} re-quantized" if m.get("requantized") else None,
+                f"{len(m['fallback_f16'])} kept F16 (width not a multiple of 32)" if m.get("fallback_f16") else None]
+        for name, size in m["artifacts"].items():
+            body.append([str(s["index"]), f"export/{name}", m.get("format", "–"), _fmt(size, "mb"), types or "–",
+                         "; ".join(n for n in note if n) or "–"])
+    return [("h2", "Exports"), ("table", ["#", "file", "format", "MB", "tensors", "notes"], body)]
 
 
 def matrix_blocks(tables: list[dict], level: str = "h2", plots: list[tuple] = ()) -> list[tuple]:
@@ -164,8 +195,13 @@ def matrix_blocks(tables: list[dict], level: str = "h2", plots: list[tuple] = ()
         out += [(level, title), ("p", f"Protocol: {protocol_line(table['protocol'])}.")]
         out += [("p", line) for line in (_tasks_line(table), _speed_line(table)) if line]
         out.append(("p", RETAINED_NOTE))
+        speed = {h for h, _, _ in SPEED_COLUMNS if h.endswith("tok/s")}
         out.append(("table", ["model"] + [h for h, _, _ in cols],
-                    [[r["label"]] + [_fmt(get(r), f) for _, get, f in cols] for r in table["rows"]]))
+                    [[r["label"]] + [_fmt(get(r), f) + (CpuBusy.MARK if h in speed and r.get("busy_cpu") and get(r)
+                                                        is not None else "") for h, get, f in cols]
+                     for r in table["rows"]]))
+        if any(r.get("busy_cpu") for r in table["rows"]):
+            out.append(("p", CpuBusy.NOTE))
         if n == 0:
             out += list(plots)
     return out
@@ -266,17 +302,23 @@ def _scatter(rows: list[dict], key: str, xlabel: str, table: dict, path: Path) -
     fig = Figure(figsize=(9, 3.8))  # no pyplot: the caller's backend (a notebook's) stays as it was
     FigureCanvasAgg(fig)
     scale = 1e6 if key == "weight_bytes" else 1
-    for i, (ykey, ylabel) in enumerate((("perplexity", "perplexity (lower is better)"),
+    for i, (ykey, ylabel) in enumerate((("perplexity", "perplexity (log scale, lower is better)"),
                                         ("quality_retained", "teacher quality retained"))):
         ax = fig.add_subplot(1, 2, i + 1)
-        for r in rows:
-            if r.get(ykey) is None:
-                continue
-            x, y = r[key] / scale, r[ykey]
-            ax.scatter(x, y, color="C1" if r["label"] == "teacher" else "C0")
-            ax.annotate(_short(r["label"]), (x, y), fontsize=7)
+        pts = [(r[key] / scale, r[ykey], r) for r in rows if r.get(ykey) is not None]
+        stages = [(x, y) for x, y, r in pts if r["label"] != "teacher"]  # in stage order: the path compression took
+        if len(stages) > 1:
+            ax.plot(*zip(*stages), color="C0", alpha=0.35, linewidth=1)
+        for n, (x, y, r) in enumerate(pts):
+            ax.scatter(x, y, color="C1" if r["label"] == "teacher" else "C0", zorder=3)
+            # labels fan out (alternating above and below, further each time) so neighbours do not overlap
+            dy = (8 + 5 * (n // 2)) * (1 if n % 2 == 0 else -1)
+            ax.annotate(_short(r["label"]), (x, y), xytext=(4, dy), textcoords="offset points", fontsize=7,
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5})
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        if ykey == "perplexity":
+            ax.set_yscale("log")
         if ykey == "quality_retained":
             ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
     fig.suptitle(protocol_line(table["protocol"]).replace("`", ""), fontsize=7)

@@ -7,6 +7,7 @@
     OUT/work/NN-name-FP/  checkpoints of a training stage in progress (a resume continues from
                           them; FP is the stage's fingerprint, so a changed recipe never does)
     OUT/model/            the final Lite model (with its model card, README.md)
+    OUT/export/           files of the artifact stages (export: GGUF), links to stages/NN-export/export/
     OUT/tracking.json     the tracked run (MLflow run id, stages logged); by default OUT/tensorboard/
                           (cleared by --fresh), or OUT/mlflow.db + OUT/mlartifacts/ (kept: a fresh
                           run is a new MLflow run beside the old ones)
@@ -95,7 +96,7 @@ class RunDir:
         """--fresh: remove everything a previous run wrote (the lock stays held)."""
         # keep_work: nothing finished yet, but a first training stage's checkpoints and the tracked
         # run they logged to are resumed: only --fresh starts a new tracked run.
-        for name in ("stages", "baseline", "model", "data") + (() if keep_work else ("work", "tensorboard")):
+        for name in ("stages", "baseline", "model", "export", "data") + (() if keep_work else ("work", "tensorboard")):
             shutil.rmtree(self.path / name, ignore_errors=True)
         for name in RUN_FILES + (() if keep_work else ("tracking.json",)):
             (self.path / name).unlink(missing_ok=True)
@@ -149,6 +150,8 @@ class RunDir:
                 if files is None and (d / "model").exists():
                     raise ValueError("stage.json records no files for the checkpoint beside it")
                 problem = folder_matches(d / "model", files) if files is not None else None
+                if problem is None and info.get("artifacts") is not None:
+                    problem = folder_matches(d / "export", info["artifacts"])
             except FileNotFoundError as exc:
                 damaged[index] = f"{Path(exc.filename or 'a file').name} is missing"
                 continue
@@ -156,7 +159,7 @@ class RunDir:
                 damaged[index] = f"stage.json or metrics.json is unreadable ({type(exc).__name__}: {exc})"
                 continue
             if problem:
-                damaged[index] = f"its checkpoint changed: {problem}"
+                damaged[index] = f"its files changed: {problem}"
                 continue
             out[index] = info
             self.sound.add(d.name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import shutil
 import time
@@ -146,6 +147,9 @@ class _Session:
         self.tokenizer = load_tokenizer(self.source, recipe.teacher)
         self.ctx = Context(tokenizer=self.tokenizer, data=None, device=self.device, seed=recipe.seed, log=log,
                            baseline_dir=out.baseline, teacher_loader=self.load_teacher)
+        if self.source.kind == "gguf":
+            self.ctx.teacher_file = Path(self.source.location) / self.source.gguf_file
+        self.ctx.provenance = {"name": out.path.name, "teacher": recipe.teacher.path, "recipe": recipe.to_yaml()}
         # Token streams are kept in OUT/data too: a resumed run reads the very tokens it started with
         # (teacher samples may differ on other hardware), whatever happened to the shared cache.
         caches = (out.data, default_cache_dir(recipe.cache_dir, recipe.base_dir))
@@ -227,6 +231,7 @@ def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root:
     # Decided once every stage is done (a rebuilt checkpoint is a new origin), before `done`.
     if last is not None:
         origin["files"] = read_json(out.stage_dir(last, recipe.stages[last].name) / "stage.json")["files"]
+    publish_artifacts(recipe, out)
     problem = published_problem(out, origin) if recipe.output.save_model else None
     if problem is not None:
         if problem.startswith("damaged"):
@@ -249,6 +254,9 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
         ctx.forget_teacher_if(model)  # the stage may edit the model in place: the teacher reloads
     work = out.work_dir(i, spec.name, fingerprint)
     ctx.stage_dir, ctx.work_dir, ctx.scope = tmp, work, final.name
+    ctx.artifacts = finished_artifacts(recipe, out, i)
+    ctx.artifact_dir = tmp / ARTIFACTS if stage.artifact else None
+    ctx.provenance["stage"] = f"stages[{i}] of {len(recipe.stages)}: {spec.name}"
     log.info("stage %d/%d: %s", i + 1, len(recipe.stages), spec.name,
              extra={"event": "stage_start", "index": i, "stage": spec.name})
     if stage.distributed and parallel.active():
@@ -260,7 +268,7 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
     except FieldError as exc:  # the stage names a field of its own config: prefix its recipe path
         raise DscInputError(f"{spec.path}.{exc.path}", exc.message) from exc
     finally:
-        ctx.stage_dir = ctx.work_dir = None
+        ctx.stage_dir = ctx.work_dir = ctx.artifact_dir = None
     seconds = time.perf_counter() - t0
     metrics, info = dict(result.metrics), {"files": None}
     if stage.changes_model:
@@ -268,6 +276,9 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
         write_card(recipe, out, tmp / "model", i, final=False)
         metrics["checkpoint_disk_bytes"] = disk_bytes(tmp / "model")
         info["files"] = folder_hashes(tmp / "model")
+    if stage.artifact:
+        info["artifacts"] = folder_hashes(tmp / ARTIFACTS)
+        metrics["artifacts"] = {name: size for name, (size, _) in info["artifacts"].items()}
     write_json(tmp / "metrics.json", metrics)
     write_json(tmp / "stage.json", {"index": i, "name": spec.name, "config": spec.config.model_dump(),
                                     "fingerprint": fingerprint, "seconds": round(seconds, 3), **info,
@@ -298,6 +309,43 @@ def _publish_final(recipe: Recipe, out: RunDir, model, session: _Session, last: 
     write_card(recipe, out, tmp, last, final=True)
     write_json(tmp / SOURCE, {**origin, "published": folder_hashes(tmp)})
     replace_dir(tmp, out.model)
+
+
+ARTIFACTS = "export"  # in an artifact stage's folder, and OUT/export/: the files it wrote
+
+
+def finished_artifacts(recipe: Recipe, out: RunDir, end: int) -> list[dict]:
+    """The files of the artifact stages before `end` (all finished): {index, format, path}."""
+    found = []
+    for j, spec in enumerate(recipe.stages[:end]):
+        if STAGES[spec.name].artifact:
+            folder = out.stage_dir(j, spec.name) / ARTIFACTS
+            found += [{"index": j, "format": spec.config.format, "path": folder / name}
+                      for name in sorted(read_json(out.stage_dir(j, spec.name) / "stage.json")["artifacts"])]
+    return found
+
+
+def publish_artifacts(recipe: Recipe, out: RunDir) -> None:
+    """OUT/export/: every artifact stage's files, hard links to the stage's own (verified before
+    each resume, so a published file edited in place is rebuilt, never trusted); removed when the
+    recipe has no artifact stage."""
+    files = finished_artifacts(recipe, out, len(recipe.stages))
+    dest = out.path / ARTIFACTS
+    if not files:
+        shutil.rmtree(dest, ignore_errors=True)
+        return
+    if dest.is_dir() and sorted(p.name for p in dest.iterdir()) == sorted(f["path"].name for f in files) and \
+            all(os.path.samefile(dest / f["path"].name, f["path"]) for f in files):
+        return  # already these very files
+    tmp = out.path / f".tmp-{ARTIFACTS}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in files:
+        try:
+            os.link(f["path"], tmp / f["path"].name)
+        except OSError:  # another filesystem, or links refused: a copy
+            shutil.copy2(f["path"], tmp / f["path"].name)
+    replace_dir(tmp, dest)
 
 
 SOURCE = "dsc_source.json"  # in OUT/model: which checkpoint it is a copy of, and its files' sha256

@@ -3,6 +3,7 @@ model and of the teacher (measured by the same code in the same run, once per pr
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -10,7 +11,7 @@ from pydantic import Field, model_validator
 
 from dsc.config import Config
 from dsc.errors import DscInputError, FieldError, RecipeError, did_you_mean, gather
-from dsc.evaluation import param_counts, perplexity, speed, weight_bytes
+from dsc.evaluation import param_counts, perplexity, speed, weight_bytes, windows
 from dsc.fingerprint import hash_bytes, hash_json
 from dsc.log import Progress
 from dsc.stages import StageOutput
@@ -32,6 +33,11 @@ class EvaluateConfig(Config):
     teacher: bool = Field(True, description="also measure the teacher under the same protocol (once a run)")
     int8_kernels: bool = Field(False, description="measure an int8 model (`int8` stage) on CPU int8 kernels "
                                                   "(dsc.quantize.cpu), on a copy: the stage's model is unchanged")
+    runtime: Literal["transformers", "llama.cpp"] = Field(
+        "transformers", description="where the model is measured: transformers (the model in memory), or llama.cpp "
+                                    "(the GGUF file of the last `export` stage before this one, through "
+                                    "llama-cpp-python; the teacher is measured there as an F32 GGUF)")
+    threads: int | None = Field(None, gt=0, description="llama.cpp threads (default: torch's thread count)")
     tasks: dict[str, Task] = Field(default_factory=dict, description="zero-shot tasks under lm-eval's conventions: "
                                    "name → {type: lambada|multiple_choice|piqa, path, limit, ...} (dsc.zeroshot)")
 
@@ -60,6 +66,18 @@ class EvaluateConfig(Config):
         return {f"tasks.{name}.{key}": p for name, task in self.tasks.items() for key, p in task.files().items()}
 
     @model_validator(mode="after")
+    def _runtime(self):
+        if self.runtime == "llama.cpp":
+            if self.int8_kernels:
+                raise ValueError("int8_kernels is a transformers CPU path: leave it out with runtime: llama.cpp")
+            if self.tasks:
+                raise ValueError("zero-shot tasks run under runtime: transformers only; evaluate them in a separate "
+                                 "evaluate stage")
+            if self.speed_batch_size != 1:
+                raise ValueError("runtime: llama.cpp measures speed at batch size 1: leave speed_batch_size out")
+        return self
+
+    @model_validator(mode="after")
     def _stride(self):
         if self.stride is not None and self.stride > self.context_length:
             raise ValueError(f"stride ({self.stride}) must be <= context_length ({self.context_length}): "
@@ -70,9 +88,65 @@ class EvaluateConfig(Config):
 def protocol(cfg: EvaluateConfig, data, stream) -> dict:
     """Everything that fixes the perplexity number, recorded next to it; `tokens` hashes the
     very tokens scored (source, tokenizer, split, seed all end up in it)."""
-    return {"dataset": data.name, "tokens": hash_bytes(stream.numpy().tobytes())[:16], "split": cfg.split,
-            "context_length": cfg.context_length, "stride": cfg.stride or cfg.context_length,
-            "max_windows": cfg.max_windows, "level": "token", "block_size": data.block_size}
+    out = {"dataset": data.name, "tokens": hash_bytes(stream.numpy().tobytes())[:16], "split": cfg.split,
+           "context_length": cfg.context_length, "stride": cfg.stride or cfg.context_length,
+           "max_windows": cfg.max_windows, "level": "token", "block_size": data.block_size}
+    if cfg.runtime != "transformers":
+        out["runtime"] = cfg.runtime  # its own table: a deployed row is compared with the deployed teacher
+    return out
+
+
+def _threads(cfg: EvaluateConfig) -> int:
+    return cfg.threads or torch.get_num_threads()
+
+
+def measure_gguf(path: Path, model, cfg: EvaluateConfig, ctx, label: str) -> dict:
+    """The metrics of a GGUF file in llama.cpp, under `cfg`'s protocol; parameter counts from the
+    model it was written from, bytes from the file (what is deployed)."""
+    from dsc import llamacpp
+
+    data = ctx.data[cfg.data or ctx.data.default()]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and cfg.context_length > limit:
+        raise FieldError("context_length", f"{cfg.context_length} exceeds the model's max_position_embeddings "
+                            f"({limit}): lower it")
+    stream = data.stream(cfg.split)
+    wins = windows(len(stream), cfg.context_length, cfg.stride or cfg.context_length)[:cfg.max_windows]
+    bar = Progress(f"perplexity ({label}, llama.cpp)", 0, ctx.log)
+    ppl = llamacpp.perplexity(path, stream, wins, _threads(cfg), progress=bar.update)
+    bar.close()
+    out = {**ppl, "protocol": protocol(cfg, data, stream), **param_counts(model),
+           "weight_bytes": path.stat().st_size, "runtime": f"llama.cpp {llamacpp.version()}", "file": path.name}
+    if cfg.speed:
+        out.update(llamacpp.speed(path, model.config.vocab_size, cfg.prompt_length, cfg.decode_tokens, cfg.repeats,
+                                  _threads(cfg), seed=ctx.seed))
+    ctx.log.info("%s (llama.cpp): perplexity %.4f over %d tokens", label, out["perplexity"], out["tokens_scored"],
+                 extra={"event": "metric", "model": label, "perplexity": out["perplexity"], "runtime": "llama.cpp"})
+    return out
+
+
+def _last_gguf(ctx) -> Path:
+    found = [a for a in ctx.artifacts if a["format"] == "gguf"]
+    if not found:
+        raise FieldError("runtime", "llama.cpp measures a GGUF file: put an `export` stage (format: gguf) before "
+                                    "this evaluate stage")
+    return Path(found[-1]["path"])
+
+
+def _teacher_gguf(cfg: EvaluateConfig, ctx) -> dict:
+    """The teacher in llama.cpp: exported as an F32 GGUF (its exact weights) and measured there."""
+    from dsc.export import ExportConfig, export_gguf
+
+    teacher = ctx.teacher()
+    folder = ctx.work_dir or ctx.stage_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "teacher-f32.gguf"
+    try:
+        export_gguf(teacher, ctx.tokenizer, path, ExportConfig(weights="f32", embedding="f32"),
+                    teacher_gguf=ctx.teacher_file, name="teacher")
+        return measure_gguf(path, teacher, cfg, ctx, "teacher")
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def measure(model, cfg: EvaluateConfig, ctx, label: str, stored: int | None = None) -> dict:
@@ -129,6 +203,13 @@ def _on_int8_kernels(model, ctx):
 
 
 def apply(model, cfg: EvaluateConfig, ctx) -> StageOutput:
+    if cfg.runtime == "llama.cpp":
+        metrics = {"model": measure_gguf(_last_gguf(ctx), model, cfg, ctx, "model")}
+        if cfg.teacher:
+            dump = cfg.model_dump(exclude={"teacher"}, exclude_defaults=True)
+            key = hash_json([dump, metrics["model"]["protocol"], "llama.cpp", _threads(cfg)])
+            metrics["teacher"] = ctx.baseline(key, lambda: _teacher_gguf(cfg, ctx))
+        return StageOutput(model, metrics)
     if cfg.int8_kernels:
         fast = measure(_on_int8_kernels(model, ctx), cfg, ctx, "model", weight_bytes(model))
         metrics = {"model": {**fast, **param_counts(model), "runtime": "cpu int8 kernels"}}
