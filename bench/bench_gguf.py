@@ -53,15 +53,42 @@ def prepare(work: Path, args):
     src = resolve(ref, Path("."))
     tok = load_tokenizer(src, ref)
     model = load_model(src, ref)
-    n_cal = args.calib_samples * args.calib_len
-    c4 = corpora.c4(tok, n_cal + args.windows * 1024)
+    n_cal, n_eval = args.calib_samples * args.calib_len, args.windows * 1024
+    n_train = args.qad_steps * args.qad_batch * args.calib_len
+    c4 = corpora.c4(tok, n_cal + n_eval + n_train)  # calibration | held-out evaluation | QAD training
     calib = c4[:n_cal].view(args.calib_samples, args.calib_len).clone()
-    splits = {"wikitext2-valid": corpora.wikitext(tok, args.windows * 1024),
-              "c4-heldout": c4[n_cal:n_cal + args.windows * 1024]}
+    splits = {"wikitext2-valid": corpora.wikitext(tok, n_eval), "c4-heldout": c4[n_cal:n_cal + n_eval]}
+    train = c4[n_cal + n_eval:n_cal + n_eval + n_train]
     text = work / "calibration.txt"  # the same documents, as text, for llama-imatrix
     if not text.exists():
         text.write_text(tok.decode(calib.reshape(-1).tolist()), encoding="utf-8")
-    return model, tok, calib, splits, text
+    return model, tok, calib, train, splits, text
+
+
+def awq_qad(model, tok, calib, train, args):
+    """AWQ's scales and clipping (weights left in float), then quantization-aware distillation on
+    the grid from the float teacher (KL on logits, scales learned, kept float16): dsc's QAD."""
+    import copy
+
+    from dsc import Context, apply_stage
+    from dsc.data.pipeline import TokenData
+    from dsc.distill import QATConfig
+    from dsc.quantize import AWQConfig
+    from dsc.quantize.stage import apply_awq
+
+    stream = torch.cat([calib.reshape(-1), train])
+    blocks = stream.numel() // args.calib_len
+    splits = {"calibration": np.arange(calib.shape[0]), "train": np.arange(calib.shape[0], blocks)}
+    ctx = Context.create(tok, {}, teacher=model, seed=0, device="cpu")
+    ctx.data.put(TokenData("c4", stream, args.calib_len, splits, "c4-bench-gguf"))
+    grid = dict(bits=4, group_size=args.group, scale_dtype="float16")
+    t0 = time.perf_counter()
+    m = copy.deepcopy(model)
+    apply_awq(m, AWQConfig(**grid, split="calibration", num_samples=calib.shape[0]), ctx, round_weights=False)
+    cfg = QATConfig(**grid, init="auto", steps=args.qad_steps, batch_size=args.qad_batch, seq_len=args.calib_len,
+                    lr=2e-5, kl=1.0, eval_split="none", save_every=0, log_every=8)
+    out = apply_stage("qat", m, cfg, ctx).model
+    return out, time.perf_counter() - t0
 
 
 def dsc_quantized(model, tok, calib, method: str, group: int):
@@ -189,6 +216,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--qad-steps", type=int, default=32, help="QAD steps (0: no QAD rows)")
+    ap.add_argument("--qad-batch", type=int, default=2, help="QAD blocks (of --calib-len tokens) per step")
     ap.add_argument("--lite", type=Path, help="a finished flagship run directory (its OUT/model is exported)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("DSC_CACHE_DIR", Path.home() / ".cache" / "dsc"))
                     / "bench-gguf")
@@ -196,7 +225,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     w = args.work
-    model, tok, calib, splits, text = prepare(w, args)
+    model, tok, calib, train, splits, text = prepare(w, args)
     from dsc.evaluation import speed
 
     hf_decode = speed(model, model.config.vocab_size, 1, 128, 64, args.repeats)["decode_tokens_per_s"]
@@ -208,16 +237,21 @@ def main() -> None:
     files.append(("llama-quantize Q4_K_M + imatrix", quantize(args.llama_bin, f32, w / "lq-Q4_K_M-imatrix.gguf",
                                                              "Q4_K_M", imatrix)))
     seconds = {}
-    for method in ("rtn", "awq"):
-        q, seconds[method] = dsc_quantized(model, tok, calib, method, args.group)
-        files.append((f"dsc {method.upper()} g{args.group} → Q4_0, emb Q8_0",
-                      export(q, tok, w / f"dsc-{method}-Q4_0-embQ8_0.gguf", embedding="q8_0")))
-        if method == "awq":
-            files.append((f"dsc AWQ g{args.group} → Q4_0, emb Q4_0",
-                          export(q, tok, w / f"dsc-{method}-Q4_0-embQ4_0.gguf", embedding="q4_0")))
-        del q
+    tokens = args.qad_steps * args.qad_batch * args.calib_len
+    methods = [("rtn", "RTN"), ("awq", "AWQ")] + ([("awq+qad", f"AWQ + QAD ({tokens:,} tokens)")] if tokens else [])
+    for method, title in methods:
+        embs = ("q8_0",) if method == "rtn" else ("q8_0", "q4_0")
+        paths = {e: w / f"dsc-{method.replace('+', '-')}-g{args.group}-Q4_0-emb{e.upper()}.gguf" for e in embs}
+        if not all(p.exists() for p in paths.values()):  # files of an earlier run are measured again, not rebuilt
+            q, seconds[method] = awq_qad(model, tok, calib, train, args) if method == "awq+qad" else \
+                dsc_quantized(model, tok, calib, method, args.group)
+            for e, path in paths.items():
+                export(q, tok, path, embedding=e)
+            del q
+        files += [(f"dsc {title} g{args.group} → Q4_0, emb {e.upper()}", path) for e, path in paths.items()]
+    lite = w / "lite-shape-Q4_0.gguf"
     files.append(("Lite shape (prune + AWQ g64, no distillation) → Q4_0",
-                  export(lite_shape(model, tok, calib), tok, w / "lite-shape-Q4_0.gguf")))
+                  lite if lite.exists() else export(lite_shape(model, tok, calib), tok, lite)))
     if args.lite:
         from dsc.models import load_checkpoint
 
@@ -236,7 +270,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "hf_decode": hf_decode, "quantize_seconds": seconds}, indent=1))
     print(table(rows, hf_decode, args))
-    print(f"\ndsc quantization time: RTN {seconds['rtn']:.1f} s, AWQ {seconds['awq']:.1f} s")
+    print("\ndsc quantization time: " + ", ".join(f"{k.upper()} {v:.0f} s" for k, v in seconds.items()))
 
 
 if __name__ == "__main__":

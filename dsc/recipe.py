@@ -291,9 +291,15 @@ def _artifact_rules(stages: tuple[StageSpec, ...]) -> list[DscInputError]:
                 problems.append(DscInputError(f"{spec.path}.file", f"{files[cfg.file]} writes {cfg.file} too: give "
                                               "each export its own file name (both land in OUT/export/)"))
             files.setdefault(cfg.file, spec.path)
-        if getattr(cfg, "runtime", "transformers") == "llama.cpp" and not files:
-            problems.append(DscInputError(f"{spec.path}.runtime", "llama.cpp measures a GGUF file: put an `export` "
-                                          "stage (format: gguf) before this evaluate stage"))
+        if getattr(cfg, "runtime", "transformers") == "llama.cpp":
+            from dsc import llamacpp
+
+            if not files:
+                problems.append(DscInputError(f"{spec.path}.runtime", "llama.cpp measures a GGUF file: put an "
+                                              "`export` stage (format: gguf) before this evaluate stage"))
+            elif cfg.if_missing == "error" and not llamacpp.available():
+                problems.append(DscInputError(f"{spec.path}.runtime", f"llama.cpp needs llama-cpp-python, which is "
+                                              f"not installed: {llamacpp.INSTALL}; or set `if_missing: skip`"))
     return problems
 
 

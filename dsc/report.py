@@ -49,8 +49,8 @@ def evaluation_tables(stages: list[dict]) -> list[dict]:
     tables: dict[str, dict] = {}
     for s in stages:
         m = s["metrics"]
-        if s["name"] != "evaluate":
-            continue
+        if s["name"] != "evaluate" or "model" not in m:
+            continue  # not an evaluation, or one skipped (its metrics say why)
         proto = m["model"]["protocol"]
         table = tables.setdefault(hash_json(proto), {"protocol": proto, "tasks": [], "rows": []})
         table["tasks"] += [t for t in m["model"].get("zero_shot", {}) if t not in table["tasks"]]

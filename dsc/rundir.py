@@ -143,7 +143,10 @@ class RunDir:
                 continue
             try:
                 info = read_json(d / "stage.json")
-                read_json(d / "metrics.json")
+                skipped = read_json(d / "metrics.json").get("skipped")
+                if skipped:
+                    damaged[index] = f"it was skipped ({skipped}): trying it again"
+                    continue
                 if not isinstance(info, dict) or info["index"] != index or not isinstance(info["fingerprint"], str):
                     raise ValueError("stage.json does not describe this stage")
                 files = info.get("files")

@@ -30,10 +30,13 @@ import torch
 
 from dsc.errors import DscInputError, FieldError
 from dsc.quantize.ct import linear_grid, unpacked
+from dsc.quantize.experts import ATTR, is_fused
 from dsc.quantize.grid import Grid, Quantized
 
 # transformers model_type → llama.cpp architecture.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe",
+                 "qwen3_moe": "qwen3moe"}
+MOE = ("qwen2moe", "qwen3moe")
 BLOCK = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
 FLOAT_TYPES = ("f32", "f16", "bf16")
 BLOCK_TYPES = ("q8_0", "q4_0", "q4_1")
@@ -55,6 +58,7 @@ class Tensor:
     source: str  # the state-dict name it came from
     how: str  # "grid" (dsc's grid, exact), "requantized", "cast", "quantized", "fallback"
     error: float | None = None  # relative RMS change of the weight this tensor's storage made (requantized)
+    expected: torch.Tensor | None = field(default=None, repr=False)  # grid: the values its blocks must decode to
 
 
 @dataclass
@@ -78,6 +82,15 @@ def architecture(config) -> str:
     if arch is None:
         raise DscInputError("export", f"GGUF export of {config.model_type!r} models is not supported; supported "
                             f"families: {', '.join(sorted(ARCHITECTURES))}")
+    if arch in MOE:
+        if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+            raise DscInputError("export", "llama.cpp's qwen2moe / qwen3moe have experts in every layer; this model "
+                                f"has dense layers among them (mlp_only_layers {config.mlp_only_layers}): not "
+                                "exportable to GGUF")
+        norm = {"qwen2moe": False, "qwen3moe": True}[arch]  # what llama.cpp computes for the family
+        if bool(getattr(config, "norm_topk_prob", norm)) != norm:
+            raise DscInputError("export", f"llama.cpp's {arch} {'normalizes' if norm else 'does not normalize'} the "
+                                f"top-k routing weights; this model sets norm_topk_prob: {config.norm_topk_prob}")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if kind not in ("default", None):
@@ -158,7 +171,7 @@ def _grid_tensor(name: str, source: str, weight: torch.Tensor, q: Quantized) -> 
     scale, zero = _blocks(q, weight.shape[1])
     codes = torch.round(weight.float().reshape(weight.shape[0], scale.shape[1], BLOCK) / scale[..., None])
     codes = (codes + zero[..., None]).clamp(q.grid.qmin, q.grid.qmax).reshape(weight.shape)
-    return Tensor(name, kind, pack(codes, scale, zero, kind), source, "grid")
+    return Tensor(name, kind, pack(codes, scale, zero, kind), source, "grid", expected=weight)
 
 
 def _requantized(name: str, source: str, weight: torch.Tensor, kind: str) -> Tensor:
@@ -224,6 +237,9 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
     out = Plan(arch)
     for source, t in model.state_dict().items():
         base, _, suffix = source.rpartition(".")
+        if suffix in ("gate_up_proj", "down_proj") and is_fused(modules.get(base)):
+            out.tensors += _experts(names, base, suffix, t, getattr(modules[base], ATTR, None), float_kind, requantize)
+            continue
         if suffix not in ("weight", "bias") or (tied and base == "lm_head"):
             continue  # scales and zero points travel with their weight; a tied head is the embedding
         module = modules.get(base)
@@ -237,6 +253,9 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
             rows = _llama_rope_rows(t.shape[0], heads if base.endswith("q_proj") else kv_heads)
         if rows is not None:
             t = t[rows]
+        if base.endswith("shared_expert_gate"):  # llama.cpp reads it as a vector (its grid values, in F32)
+            out.tensors.append(_float(name, source, t.float().reshape(-1), "f32", "cast"))
+            continue
         q = linear_grid(module) if suffix == "weight" and module is not None else None
         if q is not None:
             if rows is not None:
@@ -259,6 +278,38 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
             out.tensors.append(_float(name, source, t, embedding, "quantized" if embedding in BLOCK_TYPES else "cast"))
         else:
             out.tensors.append(_float(name, source, t, float_kind, "quantized" if float_kind in BLOCK_TYPES else "cast"))
+    return out
+
+
+def _experts(names, base: str, suffix: str, t: torch.Tensor, q, float_kind: str, requantize: bool) -> list[Tensor]:
+    """A fused experts tensor as llama.cpp's 3-D ones: gate_up_proj (E, 2I, H) → ffn_gate_exps and
+    ffn_up_exps (E, I, H), down_proj (E, H, I) → ffn_down_exps. On a dsc grid each expert's rows
+    are packed like a linear's (their scales move with them)."""
+    parts = {"gate_up_proj": [("gate", slice(0, t.shape[1] // 2)), ("up", slice(t.shape[1] // 2, None))],
+             "down_proj": [("down", slice(None))]}[suffix]
+    grid = None if q is None else (q.gate_up if suffix == "gate_up_proj" else q.down)
+    layer = base.split(".layers.")[1].split(".")[0]
+    out = []
+    for which, rows in parts:
+        name = f"blk.{layer}.ffn_{which}_exps.weight"
+        source = f"{base}.{suffix}" + (f"[{which}]" if suffix == "gate_up_proj" else "")
+        w = t[:, rows].detach()
+        e, r, c = w.shape
+        flat = w.reshape(e * r, c)
+        if grid is None:
+            one = _float(name, source, flat, float_kind, "quantized" if float_kind in BLOCK_TYPES else "cast")
+        else:
+            qe = Quantized(grid.grid, grid.scale[:, rows].reshape(e * r, -1), grid.zero[:, rows].reshape(e * r, -1))
+            problem = why_not_exact(flat, qe)
+            if problem is None:
+                one = _grid_tensor(name, source, flat, qe)
+            elif requantize:
+                one = _requantized(name, source, flat, grid_kind(qe.grid) or "q4_0")
+            else:
+                raise FieldError("requantize", f"{source} cannot be stored exactly in GGUF: {problem}. Set "
+                                               "`requantize: true` to re-round it (the error it adds is reported)")
+        one.data = one.data.reshape(e, r, -1)
+        out.append(one)
     return out
 
 
@@ -383,6 +434,12 @@ def write(path: Path, model, the_plan: Plan, tok: dict, name: str, provenance: d
     w.add_rope_freq_base(_rope_theta(config))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(int(config.vocab_size))
+    if arch in MOE:
+        w.add_expert_count(int(config.num_experts))
+        w.add_expert_used_count(int(config.num_experts_per_tok))
+        w.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+        if getattr(config, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
     hd = head_dim(config)
     w.add_rope_dimension_count(hd)
     w.add_key_length(hd)

@@ -76,6 +76,20 @@ def test_flagship_recipe_small_budget(tmp_path):
     assert (lite.config.num_hidden_layers, lite.config.num_attention_heads, lite.config.num_key_value_heads,
             lite.config.intermediate_size) == (24, 6, 3, 832)
     assert run_cli("report", out, "--html").returncode == 0 and "<table>" in (out / "report.html").read_text()
+    # the GGUF for llama.cpp: AWQ's grid as Q4_0 blocks (checked bit-exact by the stage), the embedding Q8_0
+    from dsc import llamacpp
+    from dsc.export.gguf import read_summary
+
+    summary = read_summary(out / "export" / "lite.gguf")
+    types = {t for t, _ in summary["tensors"].values()}
+    assert types == {"Q4_0", "Q8_0", "F32"} and summary["tensors"]["token_embd.weight"][0] == "Q8_0"
+    stages = json.loads((out / "metrics.json").read_text())["stages"]
+    assert stages[9]["metrics"]["grid_tensors_checked"] == 24 * 7
+    deployed = stages[10]["metrics"]
+    if llamacpp.available():
+        assert deployed["model"]["runtime"].startswith("llama.cpp") and deployed["teacher"]["perplexity"] > 0
+    else:
+        assert "llama-cpp-python is not installed" in deployed["skipped"]
 
 
 @pytest.mark.slow

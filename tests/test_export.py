@@ -278,3 +278,62 @@ def test_evaluate_in_llama_cpp(llama_dir, text_file, tmp_path):
     assert cpp["model"]["decode_tokens_per_s"] > 0 and cpp["model"]["runtime"].startswith("llama.cpp")
     tables = m["evaluations"]
     assert len(tables) == 2 and tables[1]["protocol"]["runtime"] == "llama.cpp"
+
+
+def _moe(family: str, tokenizer):
+    """A tiny Qwen MoE with experts in every layer (llama.cpp's qwen2moe / qwen3moe have no dense layers)."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_moe(family, len(tokenizer))
+    config = model.config
+    config.mlp_only_layers = []
+    # transformers' GGUF reader ignores `expert_feed_forward_length` (llama.cpp reads it) and builds the
+    # family's default expert widths: the tiny models take those (multiples of GGUF's 32-weight blocks too)
+    defaults = type(config)()
+    config.moe_intermediate_size = defaults.moe_intermediate_size
+    if family == "qwen2_moe":
+        config.shared_expert_intermediate_size = defaults.shared_expert_intermediate_size
+    if family == "qwen3_moe":
+        config.norm_topk_prob = True  # what llama.cpp's qwen3moe computes
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_moe_export_reloads_and_keeps_expert_grids(family, tokenizer, tmp_path):
+    model = _moe(family, tokenizer)
+    export_gguf(model, tokenizer, tmp_path / "f.gguf", ExportConfig(embedding="f32"))
+    summary = G.read_summary(tmp_path / "f.gguf")
+    width = model.config.moe_intermediate_size
+    assert summary["tensors"]["blk.0.ffn_gate_exps.weight"] == ("F32", [32, width, 4])  # (H, I, E): GGUF's order
+    assert summary["fields"][f"{family.replace('_', '')}.expert_count"] == 4
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(_logits(_reload(tmp_path / "f.gguf"), ids), _logits(model, ids), atol=1e-5, rtol=0)
+    # routed experts on a dsc grid: stored as Q4_0 blocks, decoded bit-exactly (checked by the export itself)
+    quant = _quantized(model, tokenizer, tmp_path, bits=4, group_size=32, scale_dtype="float16")
+    info = export_gguf(quant, tokenizer, tmp_path / "q.gguf", ExportConfig(embedding="f32"))
+    types = {n: t for n, (t, _) in G.read_summary(tmp_path / "q.gguf")["tensors"].items()}
+    assert types["blk.0.ffn_gate_exps.weight"] == types["blk.3.ffn_down_exps.weight"] == "Q4_0"
+    assert info["grid_tensors_checked"] >= 4 * 7
+    torch.testing.assert_close(_logits(_reload(tmp_path / "q.gguf"), ids), _logits(quant, ids), atol=1e-5, rtol=0)
+
+
+def test_moe_with_dense_layers_is_refused(tokenizer, tmp_path):
+    with pytest.raises(DscInputError, match="dense layers among them"):
+        export_gguf(make_moe("qwen3_moe", len(tokenizer)), tokenizer, tmp_path / "m.gguf")
+
+
+@needs_llama
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_llama_cpp_runs_the_moe_export(family, tokenizer, tmp_path):
+    model = _quantized(_moe(family, tokenizer), tokenizer, tmp_path, bits=4, group_size=32, scale_dtype="float16")
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", ExportConfig(embedding="f32"))
+    ids = torch.randint(0, len(tokenizer), (1, 32), generator=torch.Generator().manual_seed(6))
+    llm = llamacpp.load(tmp_path / "m.gguf", 64, 2)
+    try:
+        theirs = torch.from_numpy(llamacpp.logits(llm, ids[0].tolist()))
+    finally:
+        llm.close()
+    ours = _logits(model, ids)[0]
+    assert (theirs - ours).abs().max() < 5e-2 * ours.abs().max()  # Q4_0 × Q8_0 activations in llama.cpp
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9

@@ -38,6 +38,9 @@ class EvaluateConfig(Config):
                                     "(the GGUF file of the last `export` stage before this one, through "
                                     "llama-cpp-python; the teacher is measured there as an F32 GGUF)")
     threads: int | None = Field(None, gt=0, description="llama.cpp threads (default: torch's thread count)")
+    if_missing: Literal["error", "skip"] = Field(
+        "error", description="runtime llama.cpp without llama-cpp-python installed: error (at `dsc validate`), or "
+                             "skip (the stage records why; a later `dsc run` tries it again)")
     tasks: dict[str, Task] = Field(default_factory=dict, description="zero-shot tasks under lm-eval's conventions: "
                                    "name → {type: lambada|multiple_choice|piqa, path, limit, ...} (dsc.zeroshot)")
 
@@ -204,6 +207,14 @@ def _on_int8_kernels(model, ctx):
 
 def apply(model, cfg: EvaluateConfig, ctx) -> StageOutput:
     if cfg.runtime == "llama.cpp":
+        from dsc import llamacpp
+
+        if not llamacpp.available():
+            if cfg.if_missing == "error":
+                raise FieldError("runtime", f"llama.cpp needs llama-cpp-python: {llamacpp.INSTALL}")
+            why = f"llama-cpp-python is not installed: {llamacpp.INSTALL}"
+            ctx.log.warning("evaluate in llama.cpp skipped: %s", why, extra={"event": "skipped", "why": why})
+            return StageOutput(model, {"skipped": why})
         metrics = {"model": measure_gguf(_last_gguf(ctx), model, cfg, ctx, "model")}
         if cfg.teacher:
             dump = cfg.model_dump(exclude={"teacher"}, exclude_defaults=True)
