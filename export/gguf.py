@@ -34,8 +34,8 @@ from dsc.quantize.experts import ATTR, is_fused
 from dsc.quantize.grid import Grid, Quantized
 
 # transformers model_type → llama.cpp architecture.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe",
-                 "qwen3_moe": "qwen3moe"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                 "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 MOE = ("qwen2moe", "qwen3moe")
 BLOCK = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -434,6 +434,9 @@ def write(path: Path, model, the_plan: Plan, tok: dict, name: str, provenance: d
     w.add_rope_freq_base(_rope_theta(config))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(int(config.vocab_size))
+    if config.model_type == "mixtral":  # llama.cpp's llama architecture with routed experts (top-k renormalized)
+        w.add_expert_count(int(config.num_local_experts))
+        w.add_expert_used_count(int(config.num_experts_per_tok))
     if arch in MOE:
         w.add_expert_count(int(config.num_experts))
         w.add_expert_used_count(int(config.num_experts_per_tok))

@@ -180,7 +180,8 @@ def test_pruned_model_exports(tokenizer, tmp_path):
 
 
 def test_unsupported_family_is_refused(tokenizer, tmp_path):
-    with pytest.raises(DscInputError, match="supported families: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(DscInputError, match="supported families: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, "
+                                            "qwen3_moe"):
         export_gguf(make_moe("olmoe", len(tokenizer)), tokenizer, tmp_path / "m.gguf")
 
 
@@ -324,9 +325,17 @@ def test_moe_with_dense_layers_is_refused(tokenizer, tmp_path):
 
 
 @needs_llama
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "mixtral"])
 def test_llama_cpp_runs_the_moe_export(family, tokenizer, tmp_path):
-    model = _quantized(_moe(family, tokenizer), tokenizer, tmp_path, bits=4, group_size=32, scale_dtype="float16")
+    """Mixtral (llama.cpp's llama architecture with experts) has no transformers GGUF reader: llama.cpp only."""
+    moe = make_moe("mixtral", len(tokenizer)) if family == "mixtral" else _moe(family, tokenizer)
+    if family == "mixtral":
+        moe.config.intermediate_size = 64
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        moe = AutoModelForCausalLM.from_config(moe.config).eval()
+    model = _quantized(moe, tokenizer, tmp_path, bits=4, group_size=32, scale_dtype="float16")
     export_gguf(model, tokenizer, tmp_path / "m.gguf", ExportConfig(embedding="f32"))
     ids = torch.randint(0, len(tokenizer), (1, 32), generator=torch.Generator().manual_seed(6))
     llm = llamacpp.load(tmp_path / "m.gguf", 64, 2)
