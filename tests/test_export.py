@@ -346,3 +346,14 @@ def test_llama_cpp_runs_the_moe_export(family, tokenizer, tmp_path):
     ours = _logits(model, ids)[0]
     assert (theirs - ours).abs().max() < 5e-2 * ours.abs().max()  # Q4_0 × Q8_0 activations in llama.cpp
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
+
+
+def test_untied_lm_head_quantized_when_asked(tokenizer, tmp_path):
+    model = _quantized(make_model("qwen2", len(tokenizer)), tokenizer, tmp_path, bits=4, group_size=32,
+                       scale_dtype="float16", ignore=[])
+    info = export_gguf(model, tokenizer, tmp_path / "m.gguf", ExportConfig(embedding="f32"))
+    types = {n: t for n, (t, _) in G.read_summary(tmp_path / "m.gguf")["tensors"].items()}
+    assert types["output.weight"] == "Q4_0" and types["token_embd.weight"] == "F32"
+    assert info["grid_tensors_checked"] == 15  # 7 linears × 2 layers + the head, each decoded bit-exactly
+    ids = torch.randint(0, len(tokenizer), (1, 16), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(_logits(_reload(tmp_path / "m.gguf"), ids), _logits(model, ids), atol=1e-5, rtol=0)

@@ -89,3 +89,39 @@ def test_stages_without_tasks_share_the_table(tmp_path):
     (table,) = collect_metrics(tmp_path)["evaluations"]
     assert table["tasks"] == ["lambada", "arc"] and len(table["rows"]) == 3
     assert table["rows"][1]["quality_retained"] is None and table["rows"][2]["quality_retained"] > 0.8
+
+
+def test_ratios_are_against_the_teacher_row_shown(tmp_path):
+    """A stage evaluated without tasks has its own (hidden) teacher measurement: its ratios must
+    still be against the teacher row the table shows (a fresh-clone run once printed 22.54× a
+    teacher of 22.2 tok/s because the hidden one had run at 1.5 tok/s on a busy CPU)."""
+    slow_teacher = {**{k: v for k, v in TEACHER.items() if k != "zero_shot"}, "decode_tokens_per_s": 1.5,
+                    "perplexity": 40.0}
+    busy = {**_model(30.0, 500, 700, 16.0, {}), "other_cpu_load": 1.2}
+    stages = [("evaluate", {"model": TEACHER, "teacher": TEACHER}), ("prune", {}),
+              ("evaluate", {"model": busy, "teacher": slow_teacher})]
+    for i, (name, metrics) in enumerate(stages):
+        d = tmp_path / "stages" / f"{i:02d}-{name}"
+        write_json(d / "stage.json", {"index": i, "name": name, "seconds": 1.0})
+        write_json(d / "metrics.json", metrics)
+    (table,) = collect_metrics(tmp_path)["evaluations"]
+    teacher, row = table["rows"]
+    assert row["decode_speedup"] == pytest.approx(16.0 / teacher["decode_tokens_per_s"])  # 1.6×, not 10.7×
+    assert row["ppl_ratio"] == pytest.approx(30.0 / 20.0 - 1)
+    assert row["busy_cpu"] and not teacher["busy_cpu"]
+    write_json(tmp_path / "metrics.json", collect_metrics(tmp_path))
+    report = write_report(tmp_path).read_text()
+    assert "16.0 †" in report and "other processes kept more than a quarter of a core busy" in report
+
+
+def test_skipped_evaluation_is_left_out(tmp_path):
+    stages = [("evaluate", {"model": TEACHER, "teacher": TEACHER}), ("export", {"artifacts": {"m.gguf": 10}}),
+              ("evaluate", {"skipped": "llama-cpp-python is not installed"})]
+    for i, (name, metrics) in enumerate(stages):
+        d = tmp_path / "stages" / f"{i:02d}-{name}"
+        write_json(d / "stage.json", {"index": i, "name": name, "seconds": 1.0})
+        write_json(d / "metrics.json", metrics)
+    metrics = collect_metrics(tmp_path)
+    assert len(metrics["evaluations"]) == 1 and len(metrics["evaluations"][0]["rows"]) == 1
+    write_json(tmp_path / "metrics.json", metrics)
+    assert "export/m.gguf" in write_report(tmp_path).read_text()
