@@ -283,7 +283,7 @@ def _stage_order(stages: tuple[StageSpec, ...]) -> None:
 def _artifact_rules(stages: tuple[StageSpec, ...]) -> list[DscInputError]:
     """Export files land side by side in OUT/export/ (one name each), and a llama.cpp evaluation
     measures the GGUF of an export before it."""
-    problems, files = [], {}
+    problems, files, fresh = [], {}, False
     for spec in stages:
         cfg = spec.config
         if STAGES[spec.name].artifact:
@@ -291,12 +291,16 @@ def _artifact_rules(stages: tuple[StageSpec, ...]) -> list[DscInputError]:
                 problems.append(DscInputError(f"{spec.path}.file", f"{files[cfg.file]} writes {cfg.file} too: give "
                                               "each export its own file name (both land in OUT/export/)"))
             files.setdefault(cfg.file, spec.path)
+            fresh = True
+        elif STAGES[spec.name].changes_model:
+            fresh = False  # an export before this stage holds the model as it was
         if getattr(cfg, "runtime", "transformers") == "llama.cpp":
             from dsc import llamacpp
 
-            if not files:
+            if not fresh:
                 problems.append(DscInputError(f"{spec.path}.runtime", "llama.cpp measures a GGUF file: put an "
-                                              "`export` stage (format: gguf) before this evaluate stage"))
+                                              "`export` stage (format: gguf) after the last stage that changes the "
+                                              "model and before this evaluate stage"))
             elif cfg.if_missing == "error" and not llamacpp.available():
                 problems.append(DscInputError(f"{spec.path}.runtime", f"llama.cpp needs llama-cpp-python, which is "
                                               f"not installed: {llamacpp.INSTALL}; or set `if_missing: skip`"))

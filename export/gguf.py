@@ -236,6 +236,7 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out = Plan(arch)
     for source, t in model.state_dict().items():
+        t = t.detach().cpu()  # a GPU run's model: the file is written from host memory
         base, _, suffix = source.rpartition(".")
         if suffix in ("gate_up_proj", "down_proj") and is_fused(modules.get(base)):
             out.tensors += _experts(names, base, suffix, t, getattr(modules[base], ATTR, None), float_kind, requantize)
@@ -288,6 +289,8 @@ def _experts(names, base: str, suffix: str, t: torch.Tensor, q, float_kind: str,
     parts = {"gate_up_proj": [("gate", slice(0, t.shape[1] // 2)), ("up", slice(t.shape[1] // 2, None))],
              "down_proj": [("down", slice(None))]}[suffix]
     grid = None if q is None else (q.gate_up if suffix == "gate_up_proj" else q.down)
+    if grid is not None:
+        grid = Quantized(grid.grid, grid.scale.cpu(), grid.zero.cpu())
     layer = base.split(".layers.")[1].split(".")[0]
     out = []
     for which, rows in parts:

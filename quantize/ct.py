@@ -151,9 +151,10 @@ def linear_grid(module: nn.Module) -> Quantized | None:
     if args is None:
         return None
     grid = Grid(args.num_bits, args.group_size if args.strategy == "group" else None, bool(args.symmetric))
-    scale = module.weight_scale.detach().float().reshape(module.weight.shape[0], -1)
+    scale = module.weight_scale.detach().float().cpu().reshape(module.weight.shape[0], -1)
     zp = getattr(module, "weight_zero_point", None)
-    zero = zp.detach().float().reshape(scale.shape) if zp is not None and not args.symmetric else torch.zeros_like(scale)
+    zero = zp.detach().float().cpu().reshape(scale.shape) if zp is not None and not args.symmetric \
+        else torch.zeros_like(scale)
     return Quantized(grid, scale, zero)
 
 

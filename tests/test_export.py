@@ -109,7 +109,7 @@ def test_grids_are_stored_bit_exactly(family, grid, kind, tokenizer, tmp_path):
     state = model.state_dict()
     plan = {t.name: t for t in G.plan(model, "auto", "q8_0", False).tensors}
     for t in GGUFReader(str(tmp_path / "m.gguf")).tensors:
-        if plan[t.name].how != "grid" or ".attn_q." in t.name or ".attn_k." in t.name and family == "llama":
+        if plan[t.name].how != "grid" or (".attn_q." in t.name or ".attn_k." in t.name) and family == "llama":
             continue
         w = state[plan[t.name].source]
         assert torch.equal(torch.from_numpy(G.dequantize(t.data, t.tensor_type.name.lower(), w.shape)), w.float())
@@ -223,6 +223,7 @@ def test_export_stage_is_an_artifact(llama_dir, text_file, tmp_path):
     assert (out / "stages" / "00-rtn" / "stage.json").stat().st_mtime_ns == mtime  # the rtn stage is kept
     fresh = json.loads((out / "stages" / "01-export" / "stage.json").read_text())
     assert fresh["artifacts"] == stage["artifacts"]  # the same bytes again
+    assert os.path.samefile(published, out / "stages" / "01-export" / "export" / "lite.gguf")
     # a recipe without exports leaves no OUT/export behind
     run_recipe(validate({**raw, "stages": raw["stages"][:1]}, base_dir=tmp_path), fresh=True)
     assert not (out / "export").exists()
@@ -233,10 +234,19 @@ def test_recipe_rules_for_exports(llama_dir, text_file, tmp_path):
 
     with pytest.raises(RecipeError) as err:
         validate(_recipe(llama_dir, text_file, tmp_path / "o", [
-            {"evaluate": {"runtime": "llama.cpp", "context_length": 32}}, {"export": {}}, {"export": {}}]),
+            {"evaluate": {"runtime": "llama.cpp", "context_length": 32}}, {"export": {}}, {"export": {}},
+            {"rtn": {"group_size": 32}}, {"evaluate": {"runtime": "llama.cpp", "context_length": 32}}]),
                  base_dir=tmp_path)
     paths = {p.path for p in err.value.problems}
-    assert {"stages[0].evaluate.runtime", "stages[2].export.file"} <= paths
+    assert {"stages[0].evaluate.runtime", "stages[2].export.file", "stages[4].evaluate.runtime"} <= paths
+
+
+def _cpp_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    llm = llamacpp.load(path, 64, 2)
+    try:
+        return torch.from_numpy(llamacpp.logits(llm, ids[0].tolist()))
+    finally:
+        llm.close()
 
 
 # ---- llama.cpp ---------------------------------------------------------------------------------
@@ -249,11 +259,7 @@ def test_llama_cpp_computes_what_dsc_measured(grid, tokenizer, tmp_path):
         model = _quantized(model, tokenizer, tmp_path, scale_dtype="float16", **grid)
     export_gguf(model, tokenizer, tmp_path / "m.gguf", ExportConfig(embedding="f32"))
     ids = torch.randint(0, len(tokenizer), (1, 32), generator=torch.Generator().manual_seed(4))
-    llm = llamacpp.load(tmp_path / "m.gguf", 64, 2)
-    try:
-        theirs = torch.from_numpy(llamacpp.logits(llm, ids[0].tolist()))
-    finally:
-        llm.close()
+    theirs = _cpp_logits(tmp_path / "m.gguf", ids)
     ours = _logits(model, ids)[0]
     # F32: the same arithmetic up to summation order; Q4_0: llama.cpp rounds activations to Q8_0 blocks
     tol = 1e-3 if grid is None else 5e-2
@@ -338,11 +344,7 @@ def test_llama_cpp_runs_the_moe_export(family, tokenizer, tmp_path):
     model = _quantized(moe, tokenizer, tmp_path, bits=4, group_size=32, scale_dtype="float16")
     export_gguf(model, tokenizer, tmp_path / "m.gguf", ExportConfig(embedding="f32"))
     ids = torch.randint(0, len(tokenizer), (1, 32), generator=torch.Generator().manual_seed(6))
-    llm = llamacpp.load(tmp_path / "m.gguf", 64, 2)
-    try:
-        theirs = torch.from_numpy(llamacpp.logits(llm, ids[0].tolist()))
-    finally:
-        llm.close()
+    theirs = _cpp_logits(tmp_path / "m.gguf", ids)
     ours = _logits(model, ids)[0]
     assert (theirs - ours).abs().max() < 5e-2 * ours.abs().max()  # Q4_0 × Q8_0 activations in llama.cpp
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9

@@ -109,10 +109,7 @@ def measure_gguf(path: Path, model, cfg: EvaluateConfig, ctx, label: str) -> dic
     from dsc import llamacpp
 
     data = ctx.data[cfg.data or ctx.data.default()]
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and cfg.context_length > limit:
-        raise FieldError("context_length", f"{cfg.context_length} exceeds the model's max_position_embeddings "
-                            f"({limit}): lower it")
+    _fits(model, cfg)
     stream = data.stream(cfg.split)
     wins = windows(len(stream), cfg.context_length, cfg.stride or cfg.context_length)[:cfg.max_windows]
     bar = Progress(f"perplexity ({label}, llama.cpp)", 0, ctx.log)
@@ -152,14 +149,18 @@ def _teacher_gguf(cfg: EvaluateConfig, ctx) -> dict:
         path.unlink(missing_ok=True)
 
 
-def measure(model, cfg: EvaluateConfig, ctx, label: str, stored: int | None = None) -> dict:
-    """All metrics of one model under `cfg` (`stored`: its weight bytes, when they cannot be read
-    off its state dict, as for int8-kernel modules)."""
-    data = ctx.data[cfg.data or ctx.data.default()]
+def _fits(model, cfg: EvaluateConfig) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and cfg.context_length > limit:
         raise FieldError("context_length", f"{cfg.context_length} exceeds the model's max_position_embeddings "
                             f"({limit}): lower it")
+
+
+def measure(model, cfg: EvaluateConfig, ctx, label: str, stored: int | None = None) -> dict:
+    """All metrics of one model under `cfg` (`stored`: its weight bytes, when they cannot be read
+    off its state dict, as for int8-kernel modules)."""
+    data = ctx.data[cfg.data or ctx.data.default()]
+    _fits(model, cfg)
     stream = data.stream(cfg.split)
     bar = Progress(f"perplexity ({label})", 0, ctx.log)
     ppl = perplexity(model, stream, cfg.context_length, cfg.stride or cfg.context_length, cfg.batch_size,
