@@ -170,8 +170,9 @@ def _grid_tensor(name: str, source: str, weight: torch.Tensor, q: Quantized) -> 
     kind = grid_kind(q.grid)
     scale, zero = _blocks(q, weight.shape[1])
     codes = torch.round(weight.float().reshape(weight.shape[0], scale.shape[1], BLOCK) / scale[..., None])
-    codes = (codes + zero[..., None]).clamp(q.grid.qmin, q.grid.qmax).reshape(weight.shape)
-    return Tensor(name, kind, pack(codes, scale, zero, kind), source, "grid", expected=weight)
+    codes = (codes + zero[..., None]).clamp(q.grid.qmin, q.grid.qmax)
+    values = ((codes - zero[..., None]) * scale[..., None]).reshape(weight.shape)  # float32: what the blocks decode to
+    return Tensor(name, kind, pack(codes.reshape(weight.shape), scale, zero, kind), source, "grid", expected=values)
 
 
 def _requantized(name: str, source: str, weight: torch.Tensor, kind: str) -> Tensor:
@@ -227,6 +228,9 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
 
     config = model.config
     arch = architecture(config)
+    if any(hasattr(m, "SCB") or type(getattr(m, "weight", None)).__name__ == "Int8Params" for m in model.modules()):
+        raise DscInputError("export", "bitsandbytes int8 weights have no GGUF form: export the model before the "
+                            "`int8` stage with backend bitsandbytes, or use backend compressed-tensors (→ Q8_0)")
     unpacked(model)  # a checkpoint just loaded holds packed codes until its first forward
     arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
     names = get_tensor_name_map(arch_id, config.num_hidden_layers)
