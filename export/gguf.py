@@ -243,7 +243,7 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
         t = t.detach().cpu()  # a GPU run's model: the file is written from host memory
         base, _, suffix = source.rpartition(".")
         if suffix in ("gate_up_proj", "down_proj") and is_fused(modules.get(base)):
-            out.tensors += _experts(names, base, suffix, t, getattr(modules[base], ATTR, None), float_kind, requantize)
+            out.tensors += _experts(base, suffix, t, getattr(modules[base], ATTR, None), float_kind, requantize)
             continue
         if suffix not in ("weight", "bias") or (tied and base == "lm_head"):
             continue  # scales and zero points travel with their weight; a tied head is the embedding
@@ -254,7 +254,7 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
                                 "the model holds tensors this exporter does not know")
         name = f"{gname}.{suffix}"
         rows = None
-        if arch == "llama" and suffix in ("weight", "bias") and base.endswith(("q_proj", "k_proj")):
+        if arch == "llama" and base.endswith(("q_proj", "k_proj")):
             rows = _llama_rope_rows(t.shape[0], heads if base.endswith("q_proj") else kv_heads)
         if rows is not None:
             t = t[rows]
@@ -265,18 +265,7 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
         if q is not None:
             if rows is not None:
                 q = Quantized(q.grid, q.scale[rows], q.zero[rows])
-            problem = why_not_exact(t, q)
-            if problem is None:
-                out.tensors.append(_grid_tensor(name, source, t, q))
-            elif requantize:
-                kind = grid_kind(q.grid) or ("q8_0" if q.grid.bits == 8 else "q4_0")
-                if t.shape[1] % BLOCK:
-                    raise FieldError("requantize", f"{source} has {t.shape[1]} inputs, no multiple of {BLOCK}: "
-                                                   "no GGUF block type holds it; add it to the quantizer's `ignore`")
-                out.tensors.append(_requantized(name, source, t, kind))
-            else:
-                raise FieldError("requantize", f"{source} cannot be stored exactly in GGUF: {problem}. Set "
-                                               "`requantize: true` to re-round it (the error it adds is reported)")
+            out.tensors.append(_from_grid(name, source, t, q, requantize))
         elif t.ndim < 2:
             out.tensors.append(_float(name, source, t.float(), "f32", "cast"))
         elif base in ("model.embed_tokens", "lm_head"):
@@ -286,7 +275,21 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
     return out
 
 
-def _experts(names, base: str, suffix: str, t: torch.Tensor, q, float_kind: str, requantize: bool) -> list[Tensor]:
+def _from_grid(name: str, source: str, t: torch.Tensor, q: Quantized, requantize: bool) -> Tensor:
+    """A weight (out, in) on a dsc grid: stored exactly, re-rounded on request, or refused."""
+    problem = why_not_exact(t, q)
+    if problem is None:
+        return _grid_tensor(name, source, t, q)
+    if not requantize:
+        raise FieldError("requantize", f"{source} cannot be stored exactly in GGUF: {problem}. Set "
+                                       "`requantize: true` to re-round it (the error it adds is reported)")
+    if t.shape[1] % BLOCK:
+        raise FieldError("requantize", f"{source} has {t.shape[1]} inputs, no multiple of {BLOCK}: no GGUF block "
+                                       "type holds it; add it to the quantizer's `ignore`")
+    return _requantized(name, source, t, grid_kind(q.grid) or ("q8_0" if q.grid.bits == 8 else "q4_0"))
+
+
+def _experts(base: str, suffix: str, t: torch.Tensor, q, float_kind: str, requantize: bool) -> list[Tensor]:
     """A fused experts tensor as llama.cpp's 3-D ones: gate_up_proj (E, 2I, H) → ffn_gate_exps and
     ffn_up_exps (E, I, H), down_proj (E, H, I) → ffn_down_exps. On a dsc grid each expert's rows
     are packed like a linear's (their scales move with them)."""
@@ -307,14 +310,7 @@ def _experts(names, base: str, suffix: str, t: torch.Tensor, q, float_kind: str,
             one = _float(name, source, flat, float_kind, "quantized" if float_kind in BLOCK_TYPES else "cast")
         else:
             qe = Quantized(grid.grid, grid.scale[:, rows].reshape(e * r, -1), grid.zero[:, rows].reshape(e * r, -1))
-            problem = why_not_exact(flat, qe)
-            if problem is None:
-                one = _grid_tensor(name, source, flat, qe)
-            elif requantize:
-                one = _requantized(name, source, flat, grid_kind(qe.grid) or "q4_0")
-            else:
-                raise FieldError("requantize", f"{source} cannot be stored exactly in GGUF: {problem}. Set "
-                                               "`requantize: true` to re-round it (the error it adds is reported)")
+            one = _from_grid(name, source, flat, qe, requantize)
         one.data = one.data.reshape(e, r, -1)
         out.append(one)
     return out
