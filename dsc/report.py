@@ -54,7 +54,7 @@ def evaluation_tables(stages: list[dict]) -> list[dict]:
         proto = m["model"]["protocol"]
         table = tables.setdefault(hash_json(proto), {"protocol": proto, "tasks": [], "rows": []})
         table["tasks"] += [t for t in m["model"].get("zero_shot", {}) if t not in table["tasks"]]
-        after = [p["name"] for p in stages if p["index"] < s["index"] and p["name"] != "evaluate"]
+        after = [p["name"] for p in stages if p["index"] < s["index"] and _changes_model(p["name"])]
         if "teacher" in m and "teacher" not in table:
             table["teacher"] = m["teacher"]  # the row shown: every ratio of this table is against it
             table["rows"].insert(0, _row("teacher", None, m["teacher"], m["teacher"]))
@@ -130,6 +130,13 @@ def _fmt(value, fmt: str) -> str:
     if value is None:
         return "–"
     return f"{value / 1e6:,.1f}" if fmt == "mb" else fmt.format(value)
+
+
+def _changes_model(name: str) -> bool:
+    """Whether a stage is a step of a model's history (evaluate and export leave the model as is)."""
+    from dsc.registry import STAGES
+
+    return STAGES[name].changes_model if name in STAGES else True
 
 
 def protocol_line(p: dict) -> str:

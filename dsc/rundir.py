@@ -48,6 +48,8 @@ class RunDir:
         self.data = self.path / "data"
         self.work = self.path / "work"
         self.sound: set[str] = set()  # stage folders whose checkpoint this run wrote or verified
+        self.skipped: dict[int, str] = {}  # finished stages that skipped their work (why), found by finished()
+        self.retry: list[int] = []  # skipped stages before the resume point: check_resume runs them again
         self._lock = None
 
     def claim(self) -> None:
@@ -132,6 +134,7 @@ class RunDir:
         """index → stage.json of every complete, readable stage folder; and index → what is wrong
         with each damaged one (unreadable stage.json or metrics.json, files that changed)."""
         out, damaged = {}, {}
+        self.skipped = {}
         if self.stages.exists() and not self.stages.is_dir():
             raise DscInputError("output", f"{self.stages} is not a folder: this run directory is damaged beyond "
                                 "repair; rerun with --fresh to start over")
@@ -144,9 +147,6 @@ class RunDir:
             try:
                 info = read_json(d / "stage.json")
                 skipped = read_json(d / "metrics.json").get("skipped")
-                if skipped:
-                    damaged[index] = f"it was skipped ({skipped}): trying it again"
-                    continue
                 if not isinstance(info, dict) or info["index"] != index or not isinstance(info["fingerprint"], str):
                     raise ValueError("stage.json does not describe this stage")
                 files = info.get("files")
@@ -164,6 +164,8 @@ class RunDir:
             if problem:
                 damaged[index] = f"its files changed: {problem}"
                 continue
+            if skipped:  # e.g. a llama.cpp evaluation without llama-cpp-python: tried again on resume
+                self.skipped[index] = str(skipped)
             out[index] = info
             self.sound.add(d.name)
         return out, damaged
@@ -218,6 +220,10 @@ class RunDir:
                             "stage", first_bad, damaged[first_bad],
                             extra={"event": "damaged", "index": first_bad, "problem": damaged[first_bad]})
             start = first_bad
+        self.retry = sorted(i for i in self.skipped if i < start)
+        if self.retry and log is not None:
+            log.info("stage(s) %s were skipped: trying them again", ", ".join(map(str, self.retry)),
+                     extra={"event": "retry", "indices": self.retry})
         for d in self.stages.iterdir() if self.stages.is_dir() else ():
             index = stage_index(d)
             if index is not None and index >= start:

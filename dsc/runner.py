@@ -212,7 +212,7 @@ def _track_stage(tracker: Tracker, out: RunDir, recipe: Recipe, i: int) -> None:
 
 def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root: dict, log,
                 tracker: Tracker) -> None:
-    todo = list(range(start, len(recipe.stages)))
+    todo = sorted(set(out.retry) | set(range(start, len(recipe.stages))))  # skipped stages are tried again
     last = last_checkpoint(recipe, len(recipe.stages))
     first = "teacher" if recipe.student is None else "student"
     origin = {"from": first if last is None else f"stages/{out.stage_dir(last, recipe.stages[last].name).name}",
@@ -222,9 +222,13 @@ def _run_stages(recipe: Recipe, out: RunDir, start: int, chain: list[str], root:
     session = _Session(recipe, out, root, log) if todo else None
     if session is not None:
         session.ctx.tracker = tracker
-    model = session.working_model(start) if todo else None
+    model, prev = None, None
     for i in todo:
+        if prev is None or any(STAGES[recipe.stages[k].name].changes_model for k in range(prev + 1, i)):
+            del model
+            model = session.working_model(i)  # a retried stage, or the first after finished ones
         model = _run_stage(i, recipe, out, chain[i], model, session, log)
+        prev = i
         _track_stage(tracker, out, recipe, i)
         write_json(out.path / "metrics.json", collect_metrics(out.path))
         write_report(out.path)

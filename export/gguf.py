@@ -18,6 +18,9 @@ What lands in each tensor:
 - norms and biases stay F32.
 Llama-architecture files (llama, mistral) store q/k rows in llama.cpp's RoPE order (each head's
 halves interleaved, as its converter does); rows move with their scales, so grids stay exact.
+DeepSeek-V2/V3 (llama.cpp's deepseek2) store MLA as llama.cpp absorbs it: kv_b split into k_b
+(transposed per head: a grid's blocks cannot follow, so a quantized k_b holds the grid's values in
+F32) and v_b (rows kept: grids exact), the MoE routers and the routing correction bias in F32.
 """
 from __future__ import annotations
 
@@ -35,8 +38,10 @@ from dsc.quantize.grid import Grid, Quantized
 
 # transformers model_type → llama.cpp architecture.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                 "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+                 "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "deepseek_v2": "deepseek2",
+                 "deepseek_v3": "deepseek2"}
 MOE = ("qwen2moe", "qwen3moe")
+ROUTERS = ("mlp.gate", "mlp.router")  # MoE routers stay F32, as llama.cpp's converter keeps them
 BLOCK = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
 FLOAT_TYPES = ("f32", "f16", "bf16")
 BLOCK_TYPES = ("q8_0", "q4_0", "q4_1")
@@ -91,13 +96,47 @@ def architecture(config) -> str:
         if bool(getattr(config, "norm_topk_prob", norm)) != norm:
             raise DscInputError("export", f"llama.cpp's {arch} {'normalizes' if norm else 'does not normalize'} the "
                                 f"top-k routing weights; this model sets norm_topk_prob: {config.norm_topk_prob}")
+    if arch == "deepseek2":
+        _check_deepseek(config)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if kind == "yarn" and arch == "deepseek2":
+        return arch  # DeepSeek-V3's own long-context RoPE, written as llama.cpp's converter does
     if kind not in ("default", None):
         raise DscInputError("export", f"the model uses {kind!r} RoPE scaling, which dsc's GGUF export does not "
                             "write yet: export a model with default RoPE, or convert it with llama.cpp's "
                             "convert_hf_to_gguf.py")
     return arch
+
+
+def _check_deepseek(config) -> None:
+    """What llama.cpp's deepseek2 computes, against what this DeepSeek model does."""
+    experts, groups = int(config.n_routed_experts), int(getattr(config, "n_group", None) or 1)
+    topk_group = int(getattr(config, "topk_group", None) or groups)
+    if groups > 1 and experts % groups:
+        raise DscInputError("export", f"{experts} routed experts do not split into n_group {groups} groups: "
+                            "llama.cpp's group-limited routing needs equal groups")
+    if config.model_type == "deepseek_v2" and getattr(config, "topk_method", "greedy") == "group_limited_greedy" \
+            and 1 < groups and topk_group < groups:
+        raise DscInputError("export", "DeepSeek-V2's group_limited_greedy routing scores a group by its best expert; "
+                            "llama.cpp's deepseek2 scores it by its best two (DeepSeek-V3's rule): the file would "
+                            "route differently. Export with topk_group equal to n_group, or topk_method greedy")
+    if int(getattr(config, "moe_layer_freq", 1) or 1) != 1:
+        raise DscInputError("export", f"moe_layer_freq {config.moe_layer_freq}: llama.cpp's deepseek2 has experts in "
+                            "every layer after the first_k_dense_replace dense ones")
+
+
+def _deepseek_rope_rows(n_rows: int, lead: int, rope: int, interleaved: bool) -> torch.Tensor | None:
+    """Row order of q_b (per head: `lead` no-RoPE rows, then `rope`) or kv_a (`lead` latent rows,
+    then the shared RoPE key) for llama.cpp, which rotates adjacent pairs: a checkpoint whose RoPE
+    part rotates halves (DeepSeek-V3 with `rope_interleave: false`) has its RoPE rows interleaved;
+    None: the order is already llama.cpp's."""
+    if interleaved:
+        return None
+    per = lead + rope
+    heads = n_rows // per
+    inner = torch.arange(rope).reshape(2, rope // 2).t().reshape(-1)
+    return (torch.arange(heads)[:, None] * per + torch.cat([torch.arange(lead), lead + inner])).reshape(-1)
 
 
 def _rope_theta(config) -> float:
@@ -172,6 +211,10 @@ def _grid_tensor(name: str, source: str, weight: torch.Tensor, q: Quantized) -> 
     codes = torch.round(weight.float().reshape(weight.shape[0], scale.shape[1], BLOCK) / scale[..., None])
     codes = (codes + zero[..., None]).clamp(q.grid.qmin, q.grid.qmax)
     values = ((codes - zero[..., None]) * scale[..., None]).reshape(weight.shape)  # float32: what the blocks decode to
+    if not torch.equal(values.to(weight.dtype), weight):  # a bf16 / fp16 model holds them rounded to its dtype
+        diff = (values - weight.float()).abs().max().item()
+        raise RuntimeError(f"GGUF export: {source} is not on the grid its scales describe (max difference "
+                           f"{diff:.3g}); this is a dsc bug")
     return Tensor(name, kind, pack(codes.reshape(weight.shape), scale, zero, kind), source, "grid", expected=values)
 
 
@@ -239,11 +282,21 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
     modules = dict(model.named_modules())
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out = Plan(arch)
+    mla = arch == "deepseek2"
+    interleaved = config.model_type == "deepseek_v2" or bool(getattr(config, "rope_interleave", True))
     for source, t in model.state_dict().items():
         t = t.detach().cpu()  # a GPU run's model: the file is written from host memory
         base, _, suffix = source.rpartition(".")
         if suffix in ("gate_up_proj", "down_proj") and is_fused(modules.get(base)):
             out.tensors += _experts(base, suffix, t, getattr(modules[base], ATTR, None), float_kind, requantize)
+            continue
+        if suffix == "e_score_correction_bias":  # DeepSeek-V3's routing bias: llama.cpp's exp_probs_b
+            name = f"{names.get_name(base + '.e_score_correction')}.bias"
+            out.tensors.append(_float(name, source, t.float(), "f32", "cast"))
+            continue
+        if mla and base.endswith("kv_b_proj") and suffix == "weight":
+            out.tensors += _kv_b(names.get_name(base), source, t, linear_grid(modules[base]), config,
+                                 float_kind, requantize)
             continue
         if suffix not in ("weight", "bias") or (tied and base == "lm_head"):
             continue  # scales and zero points travel with their weight; a tied head is the embedding
@@ -256,8 +309,14 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
         rows = None
         if arch == "llama" and base.endswith(("q_proj", "k_proj")):
             rows = _llama_rope_rows(t.shape[0], heads if base.endswith("q_proj") else kv_heads)
+        if mla and not interleaved and base.endswith(("q_b_proj", "q_proj", "kv_a_proj_with_mqa")):
+            lead = config.kv_lora_rank if base.endswith("kv_a_proj_with_mqa") else config.qk_nope_head_dim
+            rows = _deepseek_rope_rows(t.shape[0], lead, config.qk_rope_head_dim, interleaved)
         if rows is not None:
             t = t[rows]
+        if base.endswith(ROUTERS) and suffix == "weight" and t.ndim == 2 and t.shape[0] < t.shape[1]:
+            out.tensors.append(_float(name, source, t, "f32", "cast"))
+            continue
         if base.endswith("shared_expert_gate"):  # llama.cpp reads it as a vector (its grid values, in F32)
             out.tensors.append(_float(name, source, t.float().reshape(-1), "f32", "cast"))
             continue
@@ -287,6 +346,33 @@ def _from_grid(name: str, source: str, t: torch.Tensor, q: Quantized, requantize
         raise FieldError("requantize", f"{source} has {t.shape[1]} inputs, no multiple of {BLOCK}: no GGUF block "
                                        "type holds it; add it to the quantizer's `ignore`")
     return _requantized(name, source, t, grid_kind(q.grid) or ("q8_0" if q.grid.bits == 8 else "q4_0"))
+
+
+def _kv_b(name: str, source: str, t: torch.Tensor, q: Quantized | None, config, float_kind: str,
+          requantize: bool) -> list[Tensor]:
+    """MLA's kv_b (heads · (nope + v), kv_lora_rank) as llama.cpp's absorbed pair (its converter's
+    split): attn_k_b (heads, kv_lora_rank, nope), each head's key part transposed, and attn_v_b
+    (heads, v, kv_lora_rank). v_b keeps kv_b's rows, so a grid stays exact; k_b contracts over the
+    other axis, so the grid's blocks cannot carry over: it holds the grid's values in F32, which
+    compute exactly what dsc does (a float kv_b's k_b is stored as `weights` says)."""
+    heads, nope, v = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+    rank = t.shape[1]
+    k_rows = (torch.arange(heads)[:, None] * (nope + v) + torch.arange(nope)).reshape(-1)
+    v_rows = (torch.arange(heads)[:, None] * (nope + v) + nope + torch.arange(v)).reshape(-1)
+    k_name, v_name = name.replace("attn_kv_b", "attn_k_b"), name.replace("attn_kv_b", "attn_v_b")
+    k_b = t.float()[k_rows].reshape(heads, nope, rank).transpose(1, 2).reshape(heads * rank, nope).contiguous()
+    if q is None:
+        k = _float(f"{k_name}.weight", f"{source}[k]", k_b, float_kind,
+                   "quantized" if float_kind in BLOCK_TYPES else "cast")
+        vt = _float(f"{v_name}.weight", f"{source}[v]", t[v_rows], float_kind,
+                    "quantized" if float_kind in BLOCK_TYPES else "cast")
+    else:
+        k = Tensor(f"{k_name}.weight", "f32", k_b.numpy(), f"{source}[k]", "grid-values")
+        vt = _from_grid(f"{v_name}.weight", f"{source}[v]", t[v_rows],
+                        Quantized(q.grid, q.scale[v_rows], q.zero[v_rows]), requantize)
+    k.data = k.data.reshape(heads, rank, -1)
+    vt.data = vt.data.reshape(heads, v, -1)
+    return [k, vt]
 
 
 def _experts(base: str, suffix: str, t: torch.Tensor, q, float_kind: str, requantize: bool) -> list[Tensor]:
@@ -433,7 +519,7 @@ def write(path: Path, model, the_plan: Plan, tok: dict, name: str, provenance: d
     w.add_block_count(int(config.num_hidden_layers))
     w.add_feed_forward_length(int(config.intermediate_size))
     w.add_head_count(int(config.num_attention_heads))
-    w.add_head_count_kv(int(config.num_key_value_heads))
+    w.add_head_count_kv(1 if arch == "deepseek2" else int(config.num_key_value_heads))  # MLA absorbed: one KV head
     w.add_rope_freq_base(_rope_theta(config))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(int(config.vocab_size))
@@ -446,10 +532,13 @@ def write(path: Path, model, the_plan: Plan, tok: dict, name: str, provenance: d
         w.add_expert_feed_forward_length(int(config.moe_intermediate_size))
         if getattr(config, "shared_expert_intermediate_size", None):
             w.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
-    hd = head_dim(config)
-    w.add_rope_dimension_count(hd)
-    w.add_key_length(hd)
-    w.add_value_length(hd)
+    if arch == "deepseek2":
+        _deepseek_metadata(w, config)
+    else:
+        hd = head_dim(config)
+        w.add_rope_dimension_count(hd)
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     counts = {}
     for t in the_plan.tensors:
         if t.data.ndim == 2 and t.source.endswith(".weight") and "embed" not in t.source and "lm_head" not in t.source:
@@ -489,6 +578,46 @@ def write(path: Path, model, the_plan: Plan, tok: dict, name: str, provenance: d
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _deepseek_metadata(w, config) -> None:
+    """llama.cpp's deepseek2 keys: MLA as absorbed MQA (key = latent + RoPE key, value = latent),
+    the MLA head sizes, routed / shared experts, dense leading layers and routing."""
+    import gguf
+
+    v3 = config.model_type == "deepseek_v3"
+    rank, rope = int(config.kv_lora_rank), int(config.qk_rope_head_dim)
+    w.add_q_lora_rank(int(config.q_lora_rank or 0))  # 0: one q_proj (llama.cpp requires the key)
+    w.add_kv_lora_rank(rank)
+    w.add_key_length(rank + rope)
+    w.add_value_length(rank)
+    w.add_key_length_mla(int(config.qk_nope_head_dim) + rope)
+    w.add_value_length_mla(int(config.v_head_dim))
+    w.add_rope_dimension_count(rope)
+    w.add_leading_dense_block_count(int(getattr(config, "first_k_dense_replace", 0) or 0))
+    w.add_expert_count(int(config.n_routed_experts))
+    w.add_expert_used_count(int(config.num_experts_per_tok))
+    w.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+    w.add_expert_shared_count(int(getattr(config, "n_shared_experts", 0) or 0))
+    w.add_expert_weights_scale(float(getattr(config, "routed_scaling_factor", 1.0) or 1.0))
+    if v3 and getattr(config, "norm_topk_prob", False):  # transformers' DeepSeek-V2 never renormalizes
+        w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX)
+    rope_params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope_params.get("rope_type", rope_params.get("type")) == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope_params["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope_params["original_max_position_embeddings"]))
+        for key, fn in (("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                        ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rope_params.get(key) is not None:
+                fn(float(rope_params[key]))
+        if rope_params.get("mscale_all_dim"):  # llama.cpp's deepseek2 divides this key by 0.1 when reading it
+            w.add_rope_scaling_yarn_log_mul(0.1 * float(rope_params["mscale_all_dim"]))
+    groups = int(getattr(config, "n_group", None) or 1)
+    if groups > 1:
+        w.add_expert_group_count(groups)
+        w.add_expert_group_used_count(int(getattr(config, "topk_group", None) or groups))
 
 
 def read_summary(path: Path) -> dict:

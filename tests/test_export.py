@@ -180,8 +180,8 @@ def test_pruned_model_exports(tokenizer, tmp_path):
 
 
 def test_unsupported_family_is_refused(tokenizer, tmp_path):
-    with pytest.raises(DscInputError, match="supported families: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, "
-                                            "qwen3_moe"):
+    with pytest.raises(DscInputError, match="supported families: deepseek_v2, deepseek_v3, llama, "
+                                            "mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         export_gguf(make_moe("olmoe", len(tokenizer)), tokenizer, tmp_path / "m.gguf")
 
 
@@ -227,6 +227,37 @@ def test_export_stage_is_an_artifact(llama_dir, text_file, tmp_path):
     # a recipe without exports leaves no OUT/export behind
     run_recipe(validate({**raw, "stages": raw["stages"][:1]}, base_dir=tmp_path), fresh=True)
     assert not (out / "export").exists()
+
+
+def test_skipped_evaluation_is_retried_alone(llama_dir, text_file, tmp_path, monkeypatch):
+    """A llama.cpp evaluation skipped for want of llama-cpp-python runs again on the next run, and
+    only it: the stages after it are finished work the retry does not touch."""
+    from dsc.recipe import validate
+    from dsc.runner import run_recipe
+
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    ev = {"context_length": 32, "prompt_length": 16, "decode_tokens": 4, "repeats": 1}
+    out = tmp_path / "out"
+    raw = _recipe(llama_dir, text_file, out, [{"export": {"embedding": "f32"}},
+                                               {"evaluate": {**ev, "runtime": "llama.cpp", "if_missing": "skip"}},
+                                               {"rtn": {"group_size": 32}}, {"evaluate": ev}])
+    run_recipe(validate(raw, base_dir=tmp_path))
+    stamp = {d.name: (d / "stage.json").stat().st_mtime_ns for d in (out / "stages").iterdir()}
+    assert "skipped" in json.loads((out / "stages" / "01-evaluate" / "metrics.json").read_text())
+    # the same recipe again: stage 1 is tried again (and skips again here), the export before it and
+    # the stages after it are kept
+    run_recipe(validate(raw, base_dir=tmp_path))
+    after = {d.name: (d / "stage.json").stat().st_mtime_ns for d in (out / "stages").iterdir()}
+    assert after["01-evaluate"] != stamp["01-evaluate"]
+    kept = ("00-export", "02-rtn", "03-evaluate")
+    assert {k: after[k] for k in kept} == {k: stamp[k] for k in kept}
+    monkeypatch.undo()
+    if llamacpp.available():  # with llama-cpp-python: the retry measures the file
+        run_recipe(validate(raw, base_dir=tmp_path))
+        metrics = json.loads((out / "stages" / "01-evaluate" / "metrics.json").read_text())
+        assert metrics["model"]["perplexity"] > 1 and "skipped" not in metrics
+        assert {d.name: (d / "stage.json").stat().st_mtime_ns for d in (out / "stages").iterdir()
+                if d.name in kept} == {k: stamp[k] for k in kept}
 
 
 def test_recipe_rules_for_exports(llama_dir, text_file, tmp_path):
@@ -359,3 +390,109 @@ def test_untied_lm_head_quantized_when_asked(tokenizer, tmp_path):
     assert info["grid_tensors_checked"] == 15  # 7 linears × 2 layers + the head, each decoded bit-exactly
     ids = torch.randint(0, len(tokenizer), (1, 16), generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(_logits(_reload(tmp_path / "m.gguf"), ids), _logits(model, ids), atol=1e-5, rtol=0)
+
+
+# ---- DeepSeek-V2 / V3 (llama.cpp's deepseek2) ------------------------------------------------------
+
+def _dsv3(model_dir: Path, **config):
+    """tiny-deepseek-v3 (trained MLA + group-routed experts), with config fields overridden."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    c = AutoConfig.from_pretrained(model_dir)
+    for key, value in config.items():
+        setattr(c, key, value)
+    return AutoModelForCausalLM.from_pretrained(model_dir, config=c).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_deepseek_v3_export_layout(tiny_dsv3_dir, tmp_path):
+    """No transformers GGUF reader reads deepseek2: the layout, the metadata and the absorbed MLA
+    tensors are checked here, what llama.cpp computes below."""
+    model, tok = _dsv3(tiny_dsv3_dir)
+    quant = _quantized(model, tok, tmp_path, bits=4, group_size=32, scale_dtype="float16")
+    info = export_gguf(quant, tok, tmp_path / "m.gguf", ExportConfig(embedding="f32"))
+    assert info["architecture"] == "deepseek2"
+    summary = G.read_summary(tmp_path / "m.gguf")
+    f, tensors = summary["fields"], summary["tensors"]
+    c = model.config
+    assert (f["deepseek2.attention.head_count_kv"], f["deepseek2.attention.kv_lora_rank"]) == (1, 32)
+    assert (f["deepseek2.attention.key_length"], f["deepseek2.attention.value_length"]) == (32 + 16, 32)
+    assert (f["deepseek2.attention.key_length_mla"], f["deepseek2.attention.value_length_mla"]) == (32, 32)
+    assert f["deepseek2.attention.q_lora_rank"] == 64 and f["deepseek2.rope.dimension_count"] == 16
+    assert (f["deepseek2.leading_dense_block_count"], f["deepseek2.expert_count"], f["deepseek2.expert_used_count"],
+            f["deepseek2.expert_shared_count"]) == (1, 8, 2, 1)
+    assert (f["deepseek2.expert_group_count"], f["deepseek2.expert_group_used_count"]) == (2, 1)
+    assert f["deepseek2.expert_weights_scale"] == pytest.approx(2.5) and f["deepseek2.expert_weights_norm"] is True
+    assert f["deepseek2.expert_gating_func"] == 2  # sigmoid
+    # dense first layer, MoE after it; routers and the correction bias in F32
+    assert tensors["blk.0.ffn_gate.weight"] == ("Q4_0", [128, 384]) and "blk.0.ffn_gate_inp.weight" not in tensors
+    assert tensors["blk.1.ffn_gate_exps.weight"] == ("Q4_0", [128, 96, 8])
+    assert tensors["blk.1.ffn_gate_inp.weight"] == ("F32", [128, 8])
+    assert tensors["blk.1.ffn_gate_shexp.weight"] == ("Q4_0", [128, 96])
+    # kv_b split as llama.cpp absorbs it: v_b keeps the grid (Q4_0), k_b holds its values transposed
+    assert tensors["blk.1.attn_v_b.weight"] == ("Q4_0", [32, 32, 4])
+    assert tensors["blk.1.attn_k_b.weight"] == ("F32", [16, 32, 4])
+    assert info["tensors_by_origin"]["grid-values"] == 4 and info["grid_tensors_checked"] == 41
+    from gguf import GGUFReader
+
+    data = {t.name: t.data for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    kv_b = quant.model.layers[1].self_attn.kv_b_proj.weight.detach().reshape(4, 16 + 32, 32)
+    assert torch.equal(torch.from_numpy(np.array(data["blk.1.attn_k_b.weight"])), kv_b[:, :16].transpose(1, 2))
+    bias = quant.model.layers[2].mlp.gate.e_score_correction_bias.detach()
+    assert torch.equal(torch.from_numpy(np.array(data["blk.2.exp_probs_b.bias"])), bias)
+
+
+def test_deepseek_routing_llama_cpp_cannot_compute_is_refused(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
+
+    config = DeepseekV2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, n_group=2,
+                              topk_group=1, topk_method="group_limited_greedy", moe_intermediate_size=32,
+                              kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=32,
+                              v_head_dim=32, max_position_embeddings=64)
+    with pytest.raises(DscInputError, match="scores a group by its best expert"):
+        export_gguf(AutoModelForCausalLM.from_config(config), tokenizer, tmp_path / "m.gguf")
+
+
+@needs_llama
+@pytest.mark.parametrize("variant", ["v3", "v3-rope-halves", "v3-yarn", "v3-q4_0", "v2"])
+def test_llama_cpp_runs_deepseek(variant, tiny_dsv3_dir, tmp_path):
+    """MLA (absorbed), shared + group-routed experts with the correction bias, dense first layer:
+    llama.cpp's logits are dsc's. v3-rope-halves: a checkpoint whose RoPE part rotates halves
+    (`rope_interleave: false`), reordered for llama.cpp; v3-yarn: DeepSeek-V3's long-context RoPE,
+    measured past its original context; v2: softmax routing, one q_proj (no q low rank)."""
+    length = 48
+    if variant == "v2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV2Config
+
+        tok = AutoTokenizer.from_pretrained(tiny_dsv3_dir)
+        config = DeepseekV2Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2,
+                                  moe_intermediate_size=32, first_k_dense_replace=1, q_lora_rank=None,
+                                  kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                                  num_experts_per_tok=2, topk_method="greedy", n_group=1, topk_group=1,
+                                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    elif variant == "v3-yarn":
+        length = 300  # past original_max_position_embeddings: where YaRN's interpolation and mscale act
+        model, tok = _dsv3(tiny_dsv3_dir, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})
+    else:
+        model, tok = _dsv3(tiny_dsv3_dir, **({"rope_interleave": False} if variant == "v3-rope-halves" else {}))
+    if variant == "v3-q4_0":
+        model = _quantized(model, tok, tmp_path, bits=4, group_size=32, scale_dtype="float16")
+    export_gguf(model, tok, tmp_path / "m.gguf", ExportConfig(embedding="f32"))
+    ids = torch.randint(0, 512, (1, length), generator=torch.Generator().manual_seed(4))
+    llm = llamacpp.load(tmp_path / "m.gguf", 512, 2)
+    try:
+        theirs = torch.from_numpy(llamacpp.logits(llm, ids[0].tolist()))
+    finally:
+        llm.close()
+    ours = _logits(model, ids)[0]
+    if variant == "v3-q4_0":  # llama.cpp rounds activations to Q8_0 blocks; a flipped expert choice shows
+        assert (theirs - ours).abs().max() < 0.2 * ours.abs().max()
+        assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
+    else:  # float: the same arithmetic up to summation order (YaRN vs no YaRN differ by 60 % here)
+        assert (theirs - ours).abs().max() < 2e-3 * ours.abs().max()
+        assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.98

@@ -295,6 +295,13 @@ def test_v3_moe_to_lite_recipe_runs_end_to_end(tiny_dsv3_dir, tmp_path):
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "stages" / "01-prune" / "model")
     assert (pruned.config.n_routed_experts, pruned.config.num_attention_heads) == (4, 3)
     assert (tmp_path / "run" / "report.md").read_text().count("after prune") >= 3
+    # both deploy to llama.cpp: the recovered MoE as deepseek2, the student's AWQ grid as Q4_0
+    from dsc.export import gguf as G
+
+    moe = G.read_summary(tmp_path / "run" / "export" / "v3-moe-lite.gguf")
+    assert moe["fields"]["general.architecture"] == "deepseek2" and moe["fields"]["deepseek2.expert_count"] == 4
+    student = G.read_summary(tmp_path / "run" / "export" / "lite.gguf")
+    assert student["tensors"]["blk.0.ffn_down.weight"][0] == "Q4_0"
 
 
 def test_prune_experts_moe_recipe(tiny_dsv3_dir, tmp_path):
