@@ -34,19 +34,28 @@ from dsc import Context  # noqa: E402
 from dsc.evaluation import PeakMemory, param_counts, perplexity, speed  # noqa: E402
 from dsc.models import ModelRef, load_model, load_tokenizer, resolve  # noqa: E402
 from dsc.prune import PruneConfig, apply_plan, plan  # noqa: E402
+from dsc.prune.reconstruct import reconstruct  # noqa: E402
 from dsc.structure import describe  # noqa: E402
 
 
+SPLITS = ("wikitext2-valid", "c4-heldout")
+
+
 def streams(tok, args):
-    wiki = corpora.wikitext(tok, args.windows * args.context)
-    return wiki, corpora.c4(tok, args.calib_samples * args.calib_len).view(args.calib_samples, args.calib_len)
+    """The evaluation splits (WikiText-2 valid; the C4 tokens right after the calibration ones,
+    which calibration never sees) and the calibration blocks."""
+    n_cal, n_eval = args.calib_samples * args.calib_len, args.windows * args.context
+    c4 = corpora.c4(tok, n_cal + n_eval)
+    evals = {"wikitext2-valid": corpora.wikitext(tok, n_eval), "c4-heldout": c4[n_cal:n_cal + n_eval]}
+    return evals, c4[:n_cal].view(args.calib_samples, args.calib_len).clone()
 
 
-def measure(model, wiki, args) -> dict:
-    ppl = perplexity(model, wiki, args.context, args.context)
+def measure(model, evals, args) -> dict:
+    ppl = {name: perplexity(model, stream, args.context, args.context) for name, stream in evals.items()}
     s = speed(model, model.config.vocab_size, 1, 64, 32, 2)
-    return {"perplexity": ppl["perplexity"], "tokens_scored": ppl["tokens_scored"],
-            "decode_tok_s": s["decode_tokens_per_s"], **param_counts(model)}
+    return {"perplexity": ppl[SPLITS[0]]["perplexity"], **{name: p["perplexity"] for name, p in ppl.items()},
+            "tokens_scored": ppl[SPLITS[0]]["tokens_scored"], "decode_tok_s": s["decode_tokens_per_s"],
+            **param_counts(model)}
 
 
 def run_dsc(teacher, tok, cfg: PruneConfig, calib, wiki, args) -> dict:
@@ -56,10 +65,13 @@ def run_dsc(teacher, tok, cfg: PruneConfig, calib, wiki, args) -> dict:
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
         chosen = plan(model, cfg.model_copy(update={"data": "calib", "split": "all"}), ctx)
-        apply_plan(model, describe(model), chosen)
+        if cfg.reconstruct:
+            reconstruct(model, describe(model), chosen, calib, cfg.batch_size, cfg.reconstruct_damp)
+        else:
+            apply_plan(model, describe(model), chosen)
     seconds = time.perf_counter() - t0
     return {**measure(model, wiki, args), "prune_s": seconds, "prune_peak_extra_mb": mem.extra / 1e6,
-            "shape": chosen.config}
+            "shape": chosen.config, "reconstruction": chosen.summary().get("reconstruction")}
 
 
 def _as_data(blocks: torch.Tensor):
@@ -88,7 +100,9 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--importances", default="activation,taylor,magnitude,random")
-    ap.add_argument("--modes", default="width,depth")
+    ap.add_argument("--modes", default="width,mlp,depth", help="width: heads + MLP channels; mlp: channels only; "
+                                                              "depth: whole layers")
+    ap.add_argument("--reconstruct", default="off,on", help="width/mlp rows without and/or with `reconstruct`")
     ap.add_argument("--peers", default="", help="comma list: torch-pruning")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -98,16 +112,18 @@ def main() -> None:
     wiki, calib = streams(tok, args)
     rows = [("teacher", "-", {**measure(teacher, wiki, args), "prune_s": 0.0, "prune_peak_extra_mb": 0.0})]
     for mode in args.modes.split(","):
-        kinds = ["heads", "channels"] if mode == "width" else ["layers"]
+        kinds = {"width": ["heads", "channels"], "mlp": ["channels"], "depth": ["layers"]}[mode]
         for imp in args.importances.split(","):
             if mode == "depth" and imp not in ("activation", "random"):
                 continue  # depth has its own importance: block influence (listed as 'block') or random
-            cfg = PruneConfig(ratio=args.ratio, kinds=kinds, importance=imp if mode == "width" else "magnitude",
-                              layer_importance="block" if imp == "activation" else "random",
-                              num_samples=args.calib_samples, batch_size=4)
-            label = imp if mode == "width" else ("block" if imp == "activation" else "random")
-            rows.append((f"dsc {label}", mode, run_dsc(teacher, tok, cfg, calib, wiki, args)))
-            print(rows[-1], file=sys.stderr, flush=True)
+            for rec in (args.reconstruct.split(",") if mode != "depth" else ["off"]):
+                cfg = PruneConfig(ratio=args.ratio, kinds=kinds, importance=imp if mode != "depth" else "magnitude",
+                                  layer_importance="block" if imp == "activation" else "random",
+                                  num_samples=args.calib_samples, batch_size=4, reconstruct=rec == "on")
+                label = imp if mode != "depth" else ("block" if imp == "activation" else "random")
+                label += " + reconstruct" if rec == "on" else ""
+                rows.append((f"dsc {label}", mode, run_dsc(teacher, tok, cfg, calib, wiki, args)))
+                print(rows[-1], file=sys.stderr, flush=True)
         for name in filter(None, args.peers.split(",")):
             target = next(r[2]["params_non_embedding"] for r in rows if r[1] == mode)
             result = peer(name, target, ",".join(kinds), args)
@@ -122,12 +138,14 @@ def _print(rows, args) -> None:
     t = rows[0][2]
     print(f"SmolLM2-135M-Instruct fp32 | WikiText-2 valid, {t['tokens_scored']} tokens in {args.windows} × {args.context} "
           f"windows | calibration C4 {args.calib_samples} × {args.calib_len} | {torch.get_num_threads()} threads")
-    print(f"{'method':24} {'mode':6} {'non-emb params':>14} {'removed':>8} {'perplexity':>11} {'prune s':>8} "
-          f"{'peak+ MB':>9} {'decode tok/s':>12}")
+    print(f"C4 held-out: the {args.windows * args.context} C4 tokens after the calibration ones")
+    print(f"| method | mode | non-emb params | removed | WikiText-2 | C4 held-out | prune s | peak+ MB | decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, mode, r in rows:
         removed = 1 - r["params_non_embedding"] / t["params_non_embedding"]
-        print(f"{name:24} {mode:6} {r['params_non_embedding']:14,} {removed:8.1%} {r['perplexity']:11.2f} "
-              f"{r['prune_s']:8.1f} {r['prune_peak_extra_mb']:9.0f} {r['decode_tok_s']:12.1f}")
+        c4 = f"{r['c4-heldout']:,.2f}" if "c4-heldout" in r else "–"
+        print(f"| {name} | {mode} | {r['params_non_embedding']:,} | {removed:.1%} | {r['perplexity']:,.2f} | {c4} | "
+              f"{r['prune_s']:.1f} | {r['prune_peak_extra_mb']:.0f} | {r['decode_tok_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,13 @@ class PruneConfig(Config):
     targets: list[str] = Field(default_factory=list, description="regexes over layer paths (model.layers.N) that "
                                                                  "may be removed by depth pruning; empty: all")
     ignore: list[str] = Field(default_factory=list, description="regexes over layer paths never removed")
+    reconstruct: bool = Field(False, description="after the cut, refit every projection that read removed units "
+                                                 "(o_proj for heads, down_proj for MLP / shared-expert channels) by "
+                                                 "least squares on calibration data, layer by layer with the pruned "
+                                                 "layers before it propagated, so each layer's output matches the "
+                                                 "unpruned layer's (errors in plan.json)")
+    reconstruct_damp: float = Field(0.01, ge=0, description="ridge of the refit, times the mean input energy of "
+                                                            "the kept units")
     data: str | None = Field(None, description="calibration data source (default: the recipe's first)")
     split: Literal["calibration", "train", "eval", "all"] = Field("calibration", description="split to calibrate on")
     num_samples: int = Field(32, gt=0, description="calibration blocks")

@@ -29,6 +29,8 @@ class Plan:
     merge_weights: dict[int, list[float]] = field(default_factory=dict)  # -> routing frequency of each expert
     keep_latent: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # -> {"q"/"kv": kept latent channels}
     latent_scale: dict[int, dict[str, float]] = field(default_factory=dict)  # -> latent norm weight factors
+    # -> {"o_proj"/"down_proj": relative output error on calibration data of the plain cut and of the refit}
+    reconstructed: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     params_before: int = 0
     params_after: int = 0
     params_non_embedding_before: int = 0
@@ -37,7 +39,12 @@ class Plan:
 
     def summary(self) -> dict:
         """The plan without per-layer index lists: what a report shows."""
-        out = {k: v for k, v in asdict(self).items() if not k.startswith("keep_")}
+        out = {k: v for k, v in asdict(self).items() if not k.startswith("keep_") and k != "reconstructed"}
+        if self.reconstructed:  # mean relative output error of each refit projection, cut → refit
+            kinds = {k for layer in self.reconstructed.values() for k in layer}
+            out["reconstruction"] = {k: {e: round(sum(v[k][e] for v in self.reconstructed.values() if k in v)
+                                                  / sum(k in v for v in self.reconstructed.values()), 6)
+                                         for e in ("error_cut", "error_refit")} for k in sorted(kinds)}
         out["removed_fraction_non_embedding"] = 1 - self.params_non_embedding_after / self.params_non_embedding_before
         return out
 
@@ -347,30 +354,46 @@ def _slice(lin: nn.Linear, index: list[int], dim: int) -> None:
         lin.in_features = len(index)
 
 
-def _rows(units: list[int], size: int) -> list[int]:
+def unit_rows(units: list[int], size: int) -> list[int]:
     return [u * size + j for u in units for j in range(size)]
 
 
 def apply_plan(model: nn.Module, structure: Structure, plan: Plan) -> nn.Module:
     """Cut the tensors, drop layers, and make the config true (it reloads with from_pretrained)."""
     for layer in structure.layers:
-        i = layer.index
-        if i in plan.keep_heads:
-            _cut_heads(layer, structure, plan)
-        if i in plan.keep_latent:
-            _cut_latent(layer, structure, plan)
-        if i in plan.keep_channels:
-            m = layer.mlp or layer.moe.shared
-            for lin in [m.up] + ([m.gate] if m.gate is not None else []):
-                _slice(lin, plan.keep_channels[i], 0)
-            _slice(m.down, plan.keep_channels[i], 1)
-        if i in plan.keep_experts:
-            weight = torch.tensor(plan.merge_weights[i]) if i in plan.merge_weights else None
-            moe_experts.cut(layer.moe, plan.keep_experts[i], plan.merge_experts.get(i), weight)
-        if i in plan.keep_expert_channels:
-            moe_experts.cut_channels(layer.moe, plan.keep_expert_channels[i])
-        if layer.moe is not None and "n_group" in plan.config:
-            layer.moe.router.num_group, layer.moe.router.topk_group = plan.config["n_group"], plan.config["topk_group"]
+        cut_attention(layer, structure, plan)
+        cut_mlp(layer, plan)
+    return finish(model, structure, plan)
+
+
+def cut_attention(layer, structure: Structure, plan: Plan, heads: bool = True, latent: bool = True) -> None:
+    """One layer's attention cut: its MLA latent channels, its heads (and KV heads)."""
+    if latent and layer.index in plan.keep_latent:
+        _cut_latent(layer, structure, plan)
+    if heads and layer.index in plan.keep_heads:
+        _cut_heads(layer, structure, plan)
+
+
+def cut_mlp(layer, plan: Plan) -> None:
+    """One layer's MLP / MoE cut: channels of the dense MLP or shared expert(s), routed experts
+    (dropped or merged), routed experts' channels, the routing groups."""
+    i = layer.index
+    if i in plan.keep_channels:
+        m = layer.mlp or layer.moe.shared
+        for lin in [m.up] + ([m.gate] if m.gate is not None else []):
+            _slice(lin, plan.keep_channels[i], 0)
+        _slice(m.down, plan.keep_channels[i], 1)
+    if i in plan.keep_experts:
+        weight = torch.tensor(plan.merge_weights[i]) if i in plan.merge_weights else None
+        moe_experts.cut(layer.moe, plan.keep_experts[i], plan.merge_experts.get(i), weight)
+    if i in plan.keep_expert_channels:
+        moe_experts.cut_channels(layer.moe, plan.keep_expert_channels[i])
+    if layer.moe is not None and "n_group" in plan.config:
+        layer.moe.router.num_group, layer.moe.router.topk_group = plan.config["n_group"], plan.config["topk_group"]
+
+
+def finish(model: nn.Module, structure: Structure, plan: Plan) -> nn.Module:
+    """After every layer's cut: drop layers and make the config true."""
     if plan.keep_experts and hasattr(model, "num_experts"):  # the causal-LM head's aux-loss bookkeeping
         model.num_experts = plan.config[structure.family.experts_key]
     if plan.drop_layers:
@@ -404,16 +427,16 @@ def _cut_heads(layer, structure: Structure, plan: Plan) -> None:
     attn = layer.module.get_submodule(structure.family.attn)
     if a.mla is not None:  # per head: q_b rows (nope + rope), kv_b rows (nope + v), o columns (v)
         mla, keep = a.mla, plan.keep_heads[i]
-        _slice(mla.q_b, _rows(keep, mla.nope + mla.rope), 0)
-        _slice(mla.kv_b, _rows(keep, mla.nope + mla.v_dim), 0)
-        _slice(a.o, _rows(keep, mla.v_dim), 1)
+        _slice(mla.q_b, unit_rows(keep, mla.nope + mla.rope), 0)
+        _slice(mla.kv_b, unit_rows(keep, mla.nope + mla.v_dim), 0)
+        _slice(a.o, unit_rows(keep, mla.v_dim), 1)
         attn.num_heads = len(keep)
         return
     hd = a.head_dim  # separate q/k/v only (_plan_heads refuses fused layouts)
-    _slice(a.q, _rows(plan.keep_heads[i], hd), 0)
-    _slice(a.k, _rows(plan.keep_kv[i], hd), 0)
-    _slice(a.v, _rows(plan.keep_kv[i], hd), 0)
-    _slice(a.o, _rows(plan.keep_heads[i], hd), 1)
+    _slice(a.q, unit_rows(plan.keep_heads[i], hd), 0)
+    _slice(a.k, unit_rows(plan.keep_kv[i], hd), 0)
+    _slice(a.v, unit_rows(plan.keep_kv[i], hd), 0)
+    _slice(a.o, unit_rows(plan.keep_heads[i], hd), 1)
     attn.num_key_value_groups = len(plan.keep_heads[i]) // len(plan.keep_kv[i])
 
 

@@ -12,13 +12,19 @@ from dsc.structure import describe
 from dsc.prune.config import PruneConfig
 from dsc.prune.importance import compute, sequential_expert_scores
 from dsc.prune.plan import Plan, apply_plan, expert_budget, make_plan
+from dsc.prune.reconstruct import reconstruct
 
 
 def _needs_data(cfg: PruneConfig) -> bool:
     width = bool(cfg.heads or cfg.channels or cfg.latent) and cfg.importance in ("activation", "taylor")
     experts = bool(cfg.experts) and (cfg.expert_importance != "random" or cfg.expert_merge == "merge")
     latent = bool(cfg.latent)  # even magnitude / random: the latent norms are rescaled by measured energy
-    return width or experts or latent or (bool(cfg.layers) and cfg.layer_importance == "block")
+    refit = cfg.reconstruct and bool(cfg.heads or cfg.channels or cfg.ratio)
+    return width or experts or latent or refit or (bool(cfg.layers) and cfg.layer_importance == "block")
+
+
+def _blocks(cfg: PruneConfig, ctx):
+    return ctx.data[cfg.data or ctx.data.default()].blocks(cfg.split)[: cfg.num_samples]
 
 
 def plan(model, cfg: PruneConfig, ctx) -> Plan:
@@ -28,7 +34,7 @@ def plan(model, cfg: PruneConfig, ctx) -> Plan:
     scoring = cfg.per_kind(0.5, kinds) if cfg.ratio else cfg  # scores for every kind a global ratio may cut
     blocks = None
     if _needs_data(scoring):
-        blocks = ctx.data[cfg.data or ctx.data.default()].blocks(cfg.split)[: cfg.num_samples]
+        blocks = _blocks(cfg, ctx)
     scores = compute(model, structure, scoring, blocks)
     if cfg.experts and cfg.sequential and cfg.expert_importance != "random" and not cfg.ratio:
         scores.experts = sequential_expert_scores(model, structure, cfg, blocks, expert_budget(model, structure, cfg))
@@ -69,7 +75,10 @@ def _global(model, structure, scores, cfg: PruneConfig, kinds: list[str]) -> Pla
 
 def apply(model, cfg: PruneConfig, ctx) -> StageOutput:
     chosen = plan(model, cfg, ctx)
-    apply_plan(model, describe(model), chosen)
+    if cfg.reconstruct and (chosen.keep_heads or chosen.keep_channels or chosen.keep_expert_channels):
+        reconstruct(model, describe(model), chosen, _blocks(cfg, ctx), cfg.batch_size, cfg.reconstruct_damp, ctx.log)
+    else:
+        apply_plan(model, describe(model), chosen)
     if ctx.stage_dir is not None:
         write_json(ctx.stage_dir / "plan.json", chosen.to_dict())
     ctx.log.info("pruned: %d → %d non-embedding parameters (%.1f%% removed)", chosen.params_non_embedding_before,
