@@ -1,9 +1,11 @@
 """Structured pruning without recovery: how much quality each importance keeps at one size.
 
 SmolLM2-135M (the embedded teacher), ~30 % of non-embedding parameters removed, no recovery:
-width (heads + MLP channels, one uniform fraction found by the global `ratio`) and, separately,
-depth (whole layers). For every importance: perplexity, pruning wall time, peak extra memory of
-the pruning step, decode tokens/s of the pruned model; the teacher is re-measured in the same run.
+width (heads + MLP channels, one uniform fraction found by the global `ratio`), MLP channels only,
+and depth (whole layers). Width and MLP rows run without and with `reconstruct` (least-squares
+refit of o_proj / down_proj after the cut). For every row: perplexity on two held-out splits,
+pruning wall time, peak extra memory of the pruning step, decode tokens/s of the pruned model;
+the teacher is re-measured in the same run.
 `--peers torch-pruning` adds Torch-Pruning at the same parameter count (bench/peers/torch_pruning_llm.py,
 run as a subprocess on the same windows).
 
@@ -11,8 +13,9 @@ run as a subprocess on the same windows).
     python bench/bench_prune.py --windows 8 --importances activation,magnitude
 
 Protocol (printed with the table): WikiText-2 raw validation, non-empty lines joined by blank
-lines, first N windows of 1024 tokens, stride 1024, token level; calibration: 64 × 512 tokens
-of the C4 validation subset (documents joined by EOS, in file order).
+lines, and the C4 validation subset's tokens right after the calibration ones (documents joined
+by EOS, in file order): first N windows of 1024 tokens each, stride 1024, token level;
+calibration: the first 64 × 512 tokens of that C4 stream.
 """
 from __future__ import annotations
 
