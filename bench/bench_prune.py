@@ -114,6 +114,7 @@ def main() -> None:
     tok, teacher = load_tokenizer(source, ref), load_model(source, ref)
     wiki, calib = streams(tok, args)
     rows = [("teacher", "-", {**measure(teacher, wiki, args), "prune_s": 0.0, "prune_peak_extra_mb": 0.0})]
+    print(rows[-1], file=sys.stderr, flush=True)  # every row as it lands: a killed run keeps what it measured
     for mode in args.modes.split(","):
         kinds = {"width": ["heads", "channels"], "mlp": ["channels"], "depth": ["layers"]}[mode]
         for imp in args.importances.split(","):
@@ -127,6 +128,8 @@ def main() -> None:
                 label += " + reconstruct" if rec == "on" else ""
                 rows.append((f"dsc {label}", mode, run_dsc(teacher, tok, cfg, calib, wiki, args)))
                 print(rows[-1], file=sys.stderr, flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
         for name in filter(None, args.peers.split(",")):
             target = next(r[2]["params_non_embedding"] for r in rows if r[1] == mode)
             result = peer(name, target, ",".join(kinds), args)
