@@ -126,13 +126,10 @@ def _check_deepseek(config) -> None:
                             "every layer after the first_k_dense_replace dense ones")
 
 
-def _deepseek_rope_rows(n_rows: int, lead: int, rope: int, interleaved: bool) -> torch.Tensor | None:
+def _deepseek_rope_rows(n_rows: int, lead: int, rope: int) -> torch.Tensor:
     """Row order of q_b (per head: `lead` no-RoPE rows, then `rope`) or kv_a (`lead` latent rows,
-    then the shared RoPE key) for llama.cpp, which rotates adjacent pairs: a checkpoint whose RoPE
-    part rotates halves (DeepSeek-V3 with `rope_interleave: false`) has its RoPE rows interleaved;
-    None: the order is already llama.cpp's."""
-    if interleaved:
-        return None
+    then the shared RoPE key) for llama.cpp, which rotates adjacent pairs, from a checkpoint whose
+    RoPE part rotates halves (DeepSeek-V3 with `rope_interleave: false`): its RoPE rows interleaved."""
     per = lead + rope
     heads = n_rows // per
     inner = torch.arange(rope).reshape(2, rope // 2).t().reshape(-1)
@@ -241,7 +238,9 @@ def dequantize(data: np.ndarray, kind: str, shape) -> np.ndarray:
     return quants.dequantize(data, _types()[kind]).reshape(shape)
 
 
-def _float(name: str, source: str, t: torch.Tensor, kind: str, how: str) -> Tensor:
+def _float(name: str, source: str, t: torch.Tensor, kind: str, how: str | None = None) -> Tensor:
+    """A float tensor stored as `kind`; `how` defaults to "quantized" for block types, else "cast"."""
+    how = how or ("quantized" if kind in BLOCK_TYPES else "cast")
     t = t.detach()
     if kind in BLOCK_TYPES:
         if t.ndim != 2 or t.shape[1] % BLOCK:
@@ -292,7 +291,7 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
             continue
         if suffix == "e_score_correction_bias":  # DeepSeek-V3's routing bias: llama.cpp's exp_probs_b
             name = f"{names.get_name(base + '.e_score_correction')}.bias"
-            out.tensors.append(_float(name, source, t.float(), "f32", "cast"))
+            out.tensors.append(_float(name, source, t.float(), "f32"))
             continue
         if mla and base.endswith("kv_b_proj") and suffix == "weight":
             out.tensors += _kv_b(names.get_name(base), source, t, linear_grid(modules[base]), config,
@@ -311,14 +310,14 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
             rows = _llama_rope_rows(t.shape[0], heads if base.endswith("q_proj") else kv_heads)
         if mla and not interleaved and base.endswith(("q_b_proj", "q_proj", "kv_a_proj_with_mqa")):
             lead = config.kv_lora_rank if base.endswith("kv_a_proj_with_mqa") else config.qk_nope_head_dim
-            rows = _deepseek_rope_rows(t.shape[0], lead, config.qk_rope_head_dim, interleaved)
+            rows = _deepseek_rope_rows(t.shape[0], lead, config.qk_rope_head_dim)
         if rows is not None:
             t = t[rows]
         if base.endswith(ROUTERS) and suffix == "weight" and t.ndim == 2 and t.shape[0] < t.shape[1]:
-            out.tensors.append(_float(name, source, t, "f32", "cast"))
+            out.tensors.append(_float(name, source, t, "f32"))
             continue
         if base.endswith("shared_expert_gate"):  # llama.cpp reads it as a vector (its grid values, in F32)
-            out.tensors.append(_float(name, source, t.float().reshape(-1), "f32", "cast"))
+            out.tensors.append(_float(name, source, t.float().reshape(-1), "f32"))
             continue
         q = linear_grid(module) if suffix == "weight" and module is not None else None
         if q is not None:
@@ -326,11 +325,11 @@ def plan(model, weights: str, embedding: str, requantize: bool) -> Plan:
                 q = Quantized(q.grid, q.scale[rows], q.zero[rows])
             out.tensors.append(_from_grid(name, source, t, q, requantize))
         elif t.ndim < 2:
-            out.tensors.append(_float(name, source, t.float(), "f32", "cast"))
+            out.tensors.append(_float(name, source, t.float(), "f32"))
         elif base in ("model.embed_tokens", "lm_head"):
-            out.tensors.append(_float(name, source, t, embedding, "quantized" if embedding in BLOCK_TYPES else "cast"))
+            out.tensors.append(_float(name, source, t, embedding))
         else:
-            out.tensors.append(_float(name, source, t, float_kind, "quantized" if float_kind in BLOCK_TYPES else "cast"))
+            out.tensors.append(_float(name, source, t, float_kind))
     return out
 
 
@@ -362,10 +361,8 @@ def _kv_b(name: str, source: str, t: torch.Tensor, q: Quantized | None, config, 
     k_name, v_name = name.replace("attn_kv_b", "attn_k_b"), name.replace("attn_kv_b", "attn_v_b")
     k_b = t.float()[k_rows].reshape(heads, nope, rank).transpose(1, 2).reshape(heads * rank, nope).contiguous()
     if q is None:
-        k = _float(f"{k_name}.weight", f"{source}[k]", k_b, float_kind,
-                   "quantized" if float_kind in BLOCK_TYPES else "cast")
-        vt = _float(f"{v_name}.weight", f"{source}[v]", t[v_rows], float_kind,
-                    "quantized" if float_kind in BLOCK_TYPES else "cast")
+        k = _float(f"{k_name}.weight", f"{source}[k]", k_b, float_kind)
+        vt = _float(f"{v_name}.weight", f"{source}[v]", t[v_rows], float_kind)
     else:
         k = Tensor(f"{k_name}.weight", "f32", k_b.numpy(), f"{source}[k]", "grid-values")
         vt = _from_grid(f"{v_name}.weight", f"{source}[v]", t[v_rows],
@@ -393,7 +390,7 @@ def _experts(base: str, suffix: str, t: torch.Tensor, q, float_kind: str, requan
         e, r, c = w.shape
         flat = w.reshape(e * r, c)
         if grid is None:
-            one = _float(name, source, flat, float_kind, "quantized" if float_kind in BLOCK_TYPES else "cast")
+            one = _float(name, source, flat, float_kind)
         else:
             qe = Quantized(grid.grid, grid.scale[:, rows].reshape(e * r, -1), grid.zero[:, rows].reshape(e * r, -1))
             one = _from_grid(name, source, flat, qe, requantize)

@@ -2,9 +2,9 @@
 pruned layer's output matches the unpruned layer's on calibration inputs.
 
 A head or an MLP channel is removed by deleting columns of the projection that reads it (o_proj
-for heads, down_proj for channels; a routed expert's down_proj is refit on the tokens routed to it). The units kept compute exactly what they did, so only that
-projection's output changes: with its input x (n, in) over calibration tokens, Gram Σ = xᵀx / n,
-weight W (out, in) and the kept columns K, the best W' (out, |K|) in
+for heads, down_proj for channels; a routed expert's down_proj is refit on the tokens routed to
+it). The units kept compute exactly what they did, so only that projection's output changes:
+with its input x (n, in) over calibration tokens, Gram Σ = xᵀx / n, weight W (out, in) and the kept columns K, the best W' (out, |K|) in
 
     min ‖x Wᵀ − x[:, K] W'ᵀ‖²  is  W' = W Σ[:, K] (Σ[K, K] + λI)⁻¹
 
@@ -25,7 +25,8 @@ from torch import nn
 from dsc.quantize.calibrate import capture, forward, observe
 from dsc.quantize.experts import ExpertStats
 from dsc.structure import Structure
-from dsc.prune.plan import Plan, cut_attention, cut_mlp, finish, unit_rows
+from dsc.prune.cut import cut_attention, cut_mlp, finish, unit_rows
+from dsc.prune.plan import Plan
 
 
 def solve(weight: torch.Tensor, gram: torch.Tensor, keep: list[int], damp: float) -> torch.Tensor:
@@ -54,11 +55,12 @@ def _name(layer_module: nn.Module, target: nn.Module) -> str:
     return next(n for n, m in layer_module.named_modules() if m is target)
 
 
-def _refit(layer, lin: nn.Linear, keep: list[int], inputs, cut, damp: float) -> dict:
+def _refit(layer, lin: nn.Linear, keep: list[int], inputs, cut, damp: float, experts: dict | None = None) -> dict:
     """Observe `lin`'s input over `inputs`, run `cut` (which removes its columns outside `keep`),
-    then refit what is left of it; returns the output error before and after the refit."""
+    then refit what is left of it; returns the output error before and after the refit.
+    `experts`: routed experts' statistics filled by the same pass (see `observe`)."""
     name = _name(layer.module, lin)
-    seen = observe(layer.module, inputs, {name: lin})
+    seen = observe(layer.module, inputs, {name: lin}, experts=experts)
     gram = seen.stats[0].gram_mean
     full = lin.weight.data.clone()
     cut()
@@ -74,14 +76,6 @@ class _WholeWidth:
     @staticmethod
     def group(width: int) -> int:
         return width
-
-
-def _observe_experts(layer, inputs) -> ExpertStats:
-    """Each routed expert's down_proj input Gram, from the tokens routed to it."""
-    experts = layer.moe.experts
-    stats = ExpertStats.empty(experts, _WholeWidth())
-    observe(layer.module, inputs, {}, experts={_name(layer.module, experts): stats})
-    return stats
 
 
 def _refit_experts(layer, plan: Plan, stats: ExpertStats, full: torch.Tensor, damp: float) -> dict:
@@ -127,11 +121,17 @@ def reconstruct(model: nn.Module, structure: Structure, plan: Plan, blocks: torc
                                     lambda: cut_attention(layer, structure, plan, latent=False), damp)
         m = layer.mlp or (layer.moe.shared if layer.moe is not None else None)
         routed = i in plan.keep_expert_channels
-        stats = _observe_experts(layer, inputs) if routed else None  # before the cut: the full experts
-        full = layer.moe.experts.down_proj.data.clone() if routed else None
-        if i in plan.keep_channels and m is not None:
-            done["down_proj"] = _refit(layer, m.down, plan.keep_channels[i], inputs, lambda: cut_mlp(layer, plan), damp)
+        stats, full, experts = None, None, None
+        if routed:  # each routed expert's down_proj input Gram, on its tokens, before the cut
+            stats = ExpertStats.empty(layer.moe.experts, _WholeWidth())
+            full = layer.moe.experts.down_proj.data.clone()
+            experts = {_name(layer.module, layer.moe.experts): stats}
+        if i in plan.keep_channels and m is not None:  # one pass observes the shared and the routed experts
+            done["down_proj"] = _refit(layer, m.down, plan.keep_channels[i], inputs, lambda: cut_mlp(layer, plan),
+                                       damp, experts)
         else:
+            if routed:
+                observe(layer.module, inputs, {}, experts=experts)
             cut_mlp(layer, plan)
         if routed:
             done["experts.down_proj"] = _refit_experts(layer, plan, stats, full, damp)

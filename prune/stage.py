@@ -11,7 +11,8 @@ from dsc.stages import StageOutput
 from dsc.structure import describe
 from dsc.prune.config import PruneConfig
 from dsc.prune.importance import compute, sequential_expert_scores
-from dsc.prune.plan import Plan, apply_plan, expert_budget, make_plan
+from dsc.prune.cut import apply_plan
+from dsc.prune.plan import Plan, expert_budget, make_plan
 from dsc.prune.reconstruct import reconstruct
 
 
@@ -19,8 +20,7 @@ def _needs_data(cfg: PruneConfig) -> bool:
     width = bool(cfg.heads or cfg.channels or cfg.latent) and cfg.importance in ("activation", "taylor")
     experts = bool(cfg.experts) and (cfg.expert_importance != "random" or cfg.expert_merge == "merge")
     latent = bool(cfg.latent)  # even magnitude / random: the latent norms are rescaled by measured energy
-    refit = cfg.reconstruct and bool(cfg.heads or cfg.channels or cfg.ratio)
-    return width or experts or latent or refit or (bool(cfg.layers) and cfg.layer_importance == "block")
+    return width or experts or latent or (bool(cfg.layers) and cfg.layer_importance == "block")
 
 
 def _blocks(cfg: PruneConfig, ctx):
