@@ -11,6 +11,7 @@ run as a subprocess on the same windows).
 
     python bench/bench_prune.py                      # defaults below; ≈ 15 min on 2 CPU cores
     python bench/bench_prune.py --windows 8 --importances activation,magnitude
+    python bench/bench_prune.py --windows 8 --modes width,mlp --importances activation,taylor,obs --peers torch-pruning
 
 Protocol (printed with the table): WikiText-2 raw validation, non-empty lines joined by blank
 lines, and the C4 validation subset's tokens right after the calibration ones (documents joined
@@ -135,6 +136,9 @@ def main() -> None:
             result = peer(name, target, ",".join(kinds), args)
             if result:
                 rows.append((f"{name} {result.pop('label', '')}".strip(), mode, result))
+                print(rows[-1], file=sys.stderr, flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
     _print(rows, args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=str))

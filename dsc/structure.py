@@ -231,3 +231,8 @@ def _get(root: nn.Module, path: str, family: Family):
     except AttributeError:
         raise DscInputError("teacher", f"expected a module {path!r} ({family.name} layout) in "
                             f"{type(root).__name__}; supported: {supported()}") from None
+
+
+def name_of(parent: nn.Module, module: nn.Module) -> str:
+    """The name of `module` inside `parent` (as named_modules gives it)."""
+    return next(n for n, m in parent.named_modules() if m is module)

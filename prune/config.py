@@ -48,9 +48,11 @@ class PruneConfig(Config):
     expert_merge: Literal["drop", "merge"] = Field(
         "drop", description="drop: removed experts are gone (their tokens go to the next-best experts); merge: each "
                             "is averaged (by routing frequency) into the kept expert whose outputs are most similar")
-    importance: Literal["activation", "taylor", "magnitude", "random"] = Field(
+    importance: Literal["activation", "taylor", "obs", "magnitude", "random"] = Field(
         "activation", description="width importance: activation (Wanda |W|·‖X‖ on calibration data), taylor "
-                                  "(|W·∇W|, LLM-Pruner), magnitude (weight norm), random (a baseline)")
+                                  "(|W·∇W|, LLM-Pruner), obs (the output error a head's or channel's removal "
+                                  "causes with the rest refit, greedy: OBS / SlimGPT), magnitude (weight norm), "
+                                  "random (a baseline)")
     norm: Literal["l1", "l2"] = Field("l2", description="norm of the magnitude importance")
     layer_importance: Literal["block", "random"] = Field(
         "block", description="depth importance: block (1 − cos(input, output) of a layer, ShortGPT) or random")
@@ -62,8 +64,8 @@ class PruneConfig(Config):
                                                  "least squares on calibration data, layer by layer with the pruned "
                                                  "layers before it propagated, so each layer's output matches the "
                                                  "unpruned layer's (errors in plan.json)")
-    reconstruct_damp: float = Field(0.01, ge=0, description="ridge of the refit, times the mean input energy of "
-                                                            "the kept units")
+    reconstruct_damp: float = Field(0.01, ge=0, description="ridge of the refit (and of obs importance's inverse "
+                                                            "Gram), times the mean input energy of the units")
     data: str | None = Field(None, description="calibration data source (default: the recipe's first)")
     split: Literal["calibration", "train", "eval", "all"] = Field("calibration", description="split to calibrate on")
     num_samples: int = Field(32, gt=0, description="calibration blocks")
@@ -84,6 +86,9 @@ class PruneConfig(Config):
             raise ValueError("nothing to prune: set ratio, or heads, channels, layers, experts or latent above 0")
         if self.ratio and not self.kinds:
             raise ValueError("a global ratio needs at least one of kinds: heads, channels, layers, experts")
+        if self.importance == "obs" and (self.latent or (self.ratio and "latent" in self.kinds)):
+            raise ValueError("importance obs scores heads and MLP channels, not MLA latent ranks (no single "
+                             "projection's error measures them): use importance activation or magnitude with latent")
         return self
 
     def per_kind(self, fraction: float, kinds: list[str] | None = None) -> "PruneConfig":

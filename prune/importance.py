@@ -28,6 +28,7 @@ from torch import nn
 from dsc import hf
 from dsc.errors import FieldError
 from dsc.prune import experts as moe_experts
+from dsc.prune.obs import scores as obs_scores
 from dsc.structure import Structure
 
 
@@ -258,16 +259,21 @@ def compute(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor | 
         return element_scores(lin, cfg.importance, cfg.norm, cal.sq if cal else None, grads, gen)
 
     scores = Scores({}, {}, {}, {}, None, stats=cal.experts if cal else {})
+    obs = cfg.importance == "obs" and bool(cfg.heads or cfg.channels)
+    if obs:
+        if not batches:
+            raise FieldError("num_samples", "obs importance needs calibration data: the split gave no blocks")
+        obs_scores(model, structure, cfg, blocks, scores)
     for layer in structure.layers:
-        if cfg.heads and (layer.attn.q is not None or layer.attn.mla is not None):
+        if cfg.heads and not obs and (layer.attn.q is not None or layer.attn.mla is not None):
             scores.heads[layer.index], scores.kv[layer.index] = head_scores(layer.attn, element)
-        if cfg.channels and layer.mlp is not None:
+        if cfg.channels and layer.mlp is not None and not obs:
             scores.channels[layer.index] = channel_scores(layer.mlp, element)
         if cfg.latent and layer.attn.mla is not None:
             scores.latent[layer.index] = latent_scores(layer.attn.mla, element, cal.sq if cal else None)
         if layer.moe is not None and cfg.experts:
             scores.experts[layer.index] = _expert_scores(model, structure, layer, cfg, cal, gen)
-        if layer.moe is not None and cfg.channels:
+        if layer.moe is not None and cfg.channels and not obs:
             _channel_scores_moe(layer, cfg, cal, gen, element, scores)
     if cfg.layers:
         scores.layers = cal.block_influence.float() if need_bi else torch.rand(len(structure.layers), generator=gen)

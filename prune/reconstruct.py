@@ -24,7 +24,7 @@ from torch import nn
 
 from dsc.quantize.calibrate import capture, forward, observe
 from dsc.quantize.experts import ExpertStats
-from dsc.structure import Structure
+from dsc.structure import Structure, name_of
 from dsc.prune.cut import cut_attention, cut_mlp, finish, unit_rows
 from dsc.prune.plan import Plan
 
@@ -51,15 +51,11 @@ def output_error(weight: torch.Tensor, gram: torch.Tensor, keep: list[int], new:
     return float(((d @ g) * d).sum() / ((w @ g) * w).sum().clamp(min=1e-30))
 
 
-def _name(layer_module: nn.Module, target: nn.Module) -> str:
-    return next(n for n, m in layer_module.named_modules() if m is target)
-
-
 def _refit(layer, lin: nn.Linear, keep: list[int], inputs, cut, damp: float, experts: dict | None = None) -> dict:
     """Observe `lin`'s input over `inputs`, run `cut` (which removes its columns outside `keep`),
     then refit what is left of it; returns the output error before and after the refit.
     `experts`: routed experts' statistics filled by the same pass (see `observe`)."""
-    name = _name(layer.module, lin)
+    name = name_of(layer.module, lin)
     seen = observe(layer.module, inputs, {name: lin}, experts=experts)
     gram = seen.stats[0].gram_mean
     full = lin.weight.data.clone()
@@ -68,14 +64,6 @@ def _refit(layer, lin: nn.Linear, keep: list[int], inputs, cut, damp: float, exp
     plain = output_error(full, gram, keep, full[:, keep])
     lin.weight.data.copy_(new.to(lin.weight.dtype))
     return {"error_cut": round(plain, 6), "error_refit": round(output_error(full, gram, keep, new), 6)}
-
-
-class _WholeWidth:
-    """A 'grid' whose one group is the whole input: ExpertStats then keeps each expert's full Gram."""
-
-    @staticmethod
-    def group(width: int) -> int:
-        return width
 
 
 def _refit_experts(layer, plan: Plan, stats: ExpertStats, full: torch.Tensor, damp: float) -> dict:
@@ -123,9 +111,9 @@ def reconstruct(model: nn.Module, structure: Structure, plan: Plan, blocks: torc
         routed = i in plan.keep_expert_channels
         stats, full, experts = None, None, None
         if routed:  # each routed expert's down_proj input Gram, on its tokens, before the cut
-            stats = ExpertStats.empty(layer.moe.experts, _WholeWidth())
+            stats = ExpertStats.down_grams(layer.moe.experts)
             full = layer.moe.experts.down_proj.data.clone()
-            experts = {_name(layer.module, layer.moe.experts): stats}
+            experts = {name_of(layer.module, layer.moe.experts): stats}
         if i in plan.keep_channels and m is not None:  # one pass observes the shared and the routed experts
             done["down_proj"] = _refit(layer, m.down, plan.keep_channels[i], inputs, lambda: cut_mlp(layer, plan),
                                        damp, experts)

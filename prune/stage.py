@@ -17,7 +17,7 @@ from dsc.prune.reconstruct import reconstruct
 
 
 def _needs_data(cfg: PruneConfig) -> bool:
-    width = bool(cfg.heads or cfg.channels or cfg.latent) and cfg.importance in ("activation", "taylor")
+    width = bool(cfg.heads or cfg.channels or cfg.latent) and cfg.importance in ("activation", "taylor", "obs")
     experts = bool(cfg.experts) and (cfg.expert_importance != "random" or cfg.expert_merge == "merge")
     latent = bool(cfg.latent)  # even magnitude / random: the latent norms are rescaled by measured energy
     return width or experts or latent or (bool(cfg.layers) and cfg.layer_importance == "block")

@@ -89,6 +89,15 @@ class ExpertStats:
         return cls(torch.zeros(n, dtype=torch.long, device=device), _Side.empty(n, hidden, group(hidden), device),
                    _Side.empty(n, width, group(width), device))
 
+    @classmethod
+    def down_grams(cls, experts: nn.Module) -> ExpertStats:
+        """Each expert's whole Gram of down_proj's input (what refitting or ordering its channels
+        reads); the gate_up side keeps mean |x| only."""
+        n, _, hidden = experts.gate_up_proj.shape
+        width, device = experts.down_proj.shape[2], experts.gate_up_proj.device
+        return cls(torch.zeros(n, dtype=torch.long, device=device), _Side.empty(n, hidden, None, device),
+                   _Side.empty(n, width, width, device))
+
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["hidden_states"]
         index = args[1] if len(args) > 1 else kwargs["top_k_index"]

@@ -6,7 +6,7 @@ Called by bench_prune.py's `peer()` as a subprocess; the last stdout line is one
         --windows W --context C --calib-samples S --calib-len L [--importance taylor|l2]
 
 Method (after Torch-Pruning's examples/LLMs/prune_llm.py): MetaPruner, local (per-layer) ranking,
-`num_heads` on q/k/v, `prune_num_heads=True`, `prune_head_dims=False` (RoPE stays intact),
+`num_heads` on q/k/v, `prune_num_heads=True` (`--kinds channels`: attention ignored, MLP only), `prune_head_dims=False` (RoPE stays intact),
 head ratio = channel ratio, `round_to=4`, lm_head and the embedding ignored (so the hidden size
 is not cut: dsc's heads+channels does not cut it either), config patched by hand afterwards.
 Importance: first-order Taylor (`GroupTaylorImportance`, |w * dL/dw| from the LM loss summed over
@@ -50,7 +50,7 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def predict_non_embedding(cfg, base: int, ratio: float) -> tuple[int, int, int]:
+def predict_non_embedding(cfg, base: int, ratio: float, heads_too: bool = True) -> tuple[int, int, int]:
     """Non-embedding parameters Torch-Pruning's local MetaPruner leaves at `ratio`, mirroring
     its rules (base_pruner._prune): MLP keeps int(I * (1 - r)) rounded down to round_to; with GQA
     it removes ceil(ceil(r * H) / KV) query heads in each KV group (q_proj rows, o_proj columns)."""
@@ -58,7 +58,7 @@ def predict_non_embedding(cfg, base: int, ratio: float) -> tuple[int, int, int]:
     inter, L = cfg.intermediate_size, cfg.num_hidden_layers
     keep_ch = int(inter * (1 - ratio))
     keep_ch -= keep_ch % ROUND_TO
-    if ratio <= 0:
+    if ratio <= 0 or not heads_too:
         heads = H
     elif KV == H:
         heads = H - math.ceil(ratio * H)
@@ -75,12 +75,12 @@ def _head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def choose_ratio(cfg, base: int, target: int) -> float:
+def choose_ratio(cfg, base: int, target: int, heads_too: bool = True) -> float:
     """The ratio in (0, 0.95] whose predicted count is nearest the target (ties: the smaller ratio)."""
     best = None
     for i in range(1, 9501):
         r = i / 10000
-        n, heads, ch = predict_non_embedding(cfg, base, r)
+        n, heads, ch = predict_non_embedding(cfg, base, r, heads_too)
         if heads < 1 or ch < ROUND_TO:
             break
         key = abs(n - target)
@@ -108,7 +108,8 @@ def calibration_grads(model, calib: torch.Tensor) -> float:
     return total / max(batches, 1)
 
 
-def prune(model, calib: torch.Tensor, ratio: float, importance: str, example: torch.Tensor) -> dict:
+def prune(model, calib: torch.Tensor, ratio: float, importance: str, example: torch.Tensor,
+          heads_too: bool = True) -> dict:
     import torch_pruning as tp
 
     cfg = model.config
@@ -123,6 +124,10 @@ def prune(model, calib: torch.Tensor, ratio: float, importance: str, example: to
     imp = (tp.importance.GroupTaylorImportance() if importance == "taylor"
            else tp.importance.MagnitudeImportance(p=2))
     ignored = [model.lm_head, model.get_input_embeddings()]
+    if not heads_too:  # MLP channels only: attention is left whole
+        ignored += [lin for name, m in model.named_modules() if name.endswith("self_attn")
+                    for lin in (m.q_proj, m.k_proj, m.v_proj, m.o_proj)]
+        num_heads = {}
     # The dependency trace fails under SDPA (peers.md): trace with eager attention.
     model.config._attn_implementation = "eager"
     with warnings.catch_warnings():
@@ -135,7 +140,7 @@ def prune(model, calib: torch.Tensor, ratio: float, importance: str, example: to
             pruning_ratio=ratio,
             ignored_layers=ignored,
             num_heads=num_heads,
-            prune_num_heads=True,
+            prune_num_heads=heads_too,
             prune_head_dims=False,  # whole heads only: RoPE dims stay intact
             head_pruning_ratio=ratio,
             round_to=ROUND_TO,
@@ -190,9 +195,10 @@ def main() -> None:
     if "layers" in kinds:
         log("torch-pruning: Torch-Pruning has no depth (whole-layer) pruning; no row for --kinds layers")
         sys.exit(3)
-    if kinds != {"heads", "channels"}:
-        log(f"torch-pruning: only --kinds heads,channels is supported (got {args.kinds})")
+    if kinds not in ({"heads", "channels"}, {"channels"}):
+        log(f"torch-pruning: only --kinds heads,channels or channels is supported (got {args.kinds})")
         sys.exit(2)
+    heads_too = "heads" in kinds
 
     ref = ModelRef(path="default")
     source = resolve(ref, Path.cwd())
@@ -202,8 +208,8 @@ def main() -> None:
         log(f"torch-pruning: note: written for Llama-style models, got {model.config.model_type}")
 
     base = param_counts(model)["params_non_embedding"]
-    ratio = choose_ratio(model.config, base, args.target_non_embedding)
-    predicted, _, _ = predict_non_embedding(model.config, base, ratio)
+    ratio = choose_ratio(model.config, base, args.target_non_embedding, heads_too)
+    predicted, _, _ = predict_non_embedding(model.config, base, ratio, heads_too)
     log(f"torch-pruning: ratio {ratio:.4f} -> predicted {predicted:,} non-embedding params "
         f"(target {args.target_non_embedding:,}, teacher {base:,})")
     example = calib[:1, :16].clone()
@@ -211,7 +217,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
-        info = prune(model, calib, ratio, args.importance, example)
+        info = prune(model, calib, ratio, args.importance, example, heads_too)
     seconds = time.perf_counter() - t0
     model.eval()
 
