@@ -59,11 +59,13 @@ class PruneConfig(Config):
     targets: list[str] = Field(default_factory=list, description="regexes over layer paths (model.layers.N) that "
                                                                  "may be removed by depth pruning; empty: all")
     ignore: list[str] = Field(default_factory=list, description="regexes over layer paths never removed")
-    reconstruct: bool = Field(False, description="after the cut, refit every projection that read removed units "
-                                                 "(o_proj for heads, down_proj for MLP / shared-expert channels) by "
-                                                 "least squares on calibration data, layer by layer with the pruned "
-                                                 "layers before it propagated, so each layer's output matches the "
-                                                 "unpruned layer's (errors in plan.json)")
+    reconstruct: bool = Field(True, description="after the cut, refit every projection that read removed units "
+                                                "(o_proj for heads, down_proj for MLP / shared-expert / routed-expert "
+                                                "channels) by least squares on calibration data, layer by layer with "
+                                                "the pruned layers before it propagated, so each layer's output "
+                                                "matches the unpruned layer's (errors in plan.json). On by default "
+                                                "(it measured better on every model and cut tried); a run without "
+                                                "data sources skips it with a note; false: the plain cut")
     reconstruct_damp: float = Field(0.01, ge=0, description="ridge of the refit (and of obs importance's inverse "
                                                             "Gram), times the mean input energy of the units")
     data: str | None = Field(None, description="calibration data source (default: the recipe's first)")

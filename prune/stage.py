@@ -73,9 +73,24 @@ def _global(model, structure, scores, cfg: PruneConfig, kinds: list[str]) -> Pla
     return best
 
 
+def _reconstructs(cfg: PruneConfig, ctx, chosen: Plan) -> bool:
+    """Whether the refit runs: on when asked (the default) and something it refits was cut. A run
+    without data sources skips the default with a note, and refuses an explicit `reconstruct: true`."""
+    if not cfg.reconstruct or not (chosen.keep_heads or chosen.keep_channels or chosen.keep_expert_channels):
+        return False
+    if ctx.data.sources:
+        return True
+    if "reconstruct" in cfg.model_fields_set:
+        raise FieldError("reconstruct", "the least-squares refit needs calibration data and this run has no data "
+                         "sources: add one under `data:` or set `reconstruct: false`")
+    chosen.notes.append("reconstruct skipped: the run has no data sources (add one under `data:` for the refit)")
+    ctx.log.warning("prune: %s", chosen.notes[-1], extra={"event": "reconstruct_skipped"})
+    return False
+
+
 def apply(model, cfg: PruneConfig, ctx) -> StageOutput:
     chosen = plan(model, cfg, ctx)
-    if cfg.reconstruct and (chosen.keep_heads or chosen.keep_channels or chosen.keep_expert_channels):
+    if _reconstructs(cfg, ctx, chosen):
         reconstruct(model, describe(model), chosen, _blocks(cfg, ctx), cfg.batch_size, cfg.reconstruct_damp, ctx.log)
     else:
         apply_plan(model, describe(model), chosen)
