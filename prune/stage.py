@@ -76,7 +76,13 @@ def _global(model, structure, scores, cfg: PruneConfig, kinds: list[str]) -> Pla
 def _reconstructs(cfg: PruneConfig, ctx, chosen: Plan) -> bool:
     """Whether the refit runs: on when asked (the default) and something it refits was cut. A run
     without data sources skips the default with a note, and refuses an explicit `reconstruct: true`."""
-    if not cfg.reconstruct or not (chosen.keep_heads or chosen.keep_channels or chosen.keep_expert_channels):
+    if not (chosen.keep_heads or chosen.keep_channels or chosen.keep_expert_channels):
+        return False
+    if not cfg.reconstruct:
+        if cfg.importance == "obs":
+            chosen.notes.append("importance obs without reconstruct: obs chooses the units the refit repairs "
+                                "best, and its plain cut can be far worse than activation's (docs/benchmarks.md)")
+            ctx.log.warning("prune: %s", chosen.notes[-1], extra={"event": "obs_without_reconstruct"})
         return False
     if ctx.data.sources:
         return True
