@@ -150,3 +150,15 @@ def test_reconstruction_quality_floor_on_deepseek_v3(tiny_dsv3_dir):
 def test_obs_refuses_latent_ranks():
     with pytest.raises(ValueError, match="importance obs .* latent"):
         PruneConfig(latent=0.5, importance="obs")
+
+
+def test_reconstruct_default_needs_data_only_when_asked(tokenizer):
+    """On by default: a run without data skips the refit with a note; an explicit true is refused."""
+    from dsc.errors import FieldError
+
+    ctx = Context.create(tokenizer, {})
+    out = apply_stage("prune", tiny("llama", len(tokenizer)), PruneConfig(channels=0.5, importance="magnitude"), ctx)
+    assert any("reconstruct skipped" in n for n in out.metrics["plan"]["notes"])
+    with pytest.raises(FieldError, match="reconstruct"):
+        apply_stage("prune", tiny("llama", len(tokenizer)),
+                    PruneConfig(channels=0.5, importance="magnitude", reconstruct=True), ctx)
