@@ -54,6 +54,14 @@ def streams(tok, args):
     return evals, c4[:n_cal].view(args.calib_samples, args.calib_len).clone()
 
 
+def land(rows: list, row: tuple, args) -> None:
+    """Keep `row`, print it and rewrite --json: a killed run keeps every row it measured."""
+    rows.append(row)
+    print(row, file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
+
+
 def measure(model, evals, args) -> dict:
     ppl = {name: perplexity(model, stream, args.context, args.context) for name, stream in evals.items()}
     s = speed(model, model.config.vocab_size, 1, 64, 32, 2)
@@ -114,8 +122,8 @@ def main() -> None:
     source = resolve(ref, Path.cwd())
     tok, teacher = load_tokenizer(source, ref), load_model(source, ref)
     wiki, calib = streams(tok, args)
-    rows = [("teacher", "-", {**measure(teacher, wiki, args), "prune_s": 0.0, "prune_peak_extra_mb": 0.0})]
-    print(rows[-1], file=sys.stderr, flush=True)  # every row as it lands: a killed run keeps what it measured
+    rows = []
+    land(rows, ("teacher", "-", {**measure(teacher, wiki, args), "prune_s": 0.0, "prune_peak_extra_mb": 0.0}), args)
     for mode in args.modes.split(","):
         kinds = {"width": ["heads", "channels"], "mlp": ["channels"], "depth": ["layers"]}[mode]
         for imp in args.importances.split(","):
@@ -127,21 +135,13 @@ def main() -> None:
                                   num_samples=args.calib_samples, batch_size=4, reconstruct=rec == "on")
                 label = imp if mode != "depth" else ("block" if imp == "activation" else "random")
                 label += " + reconstruct" if rec == "on" else ""
-                rows.append((f"dsc {label}", mode, run_dsc(teacher, tok, cfg, calib, wiki, args)))
-                print(rows[-1], file=sys.stderr, flush=True)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
+                land(rows, (f"dsc {label}", mode, run_dsc(teacher, tok, cfg, calib, wiki, args)), args)
         for name in filter(None, args.peers.split(",")):
             target = next(r[2]["params_non_embedding"] for r in rows if r[1] == mode)
             result = peer(name, target, ",".join(kinds), args)
             if result:
-                rows.append((f"{name} {result.pop('label', '')}".strip(), mode, result))
-                print(rows[-1], file=sys.stderr, flush=True)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
+                land(rows, (f"{name} {result.pop('label', '')}".strip(), mode, result), args)
     _print(rows, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
 
 
 def _print(rows, args) -> None:

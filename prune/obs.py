@@ -116,32 +116,27 @@ def scores(model: nn.Module, structure: Structure, cfg, blocks: torch.Tensor, ou
     shared and routed experts), layer by layer on the unpruned model."""
     device = next(model.parameters()).device
     inputs = capture(model, model.get_submodule(structure.family.layers), blocks, cfg.batch_size, device)
-    heads, kv = structure.num_heads, structure.num_kv_heads
-    gs = heads // max(kv, 1)
+    gs = structure.num_heads // max(structure.num_kv_heads, 1)
     quota = max(1, round(gs * (1 - cfg.heads))) if cfg.heads else 0
     for layer in structure.layers:
-        linears, experts = {}, {}
-        a = layer.attn
-        want_heads = bool(cfg.heads) and (a.q is not None or a.mla is not None)
-        if want_heads:
-            linears[name_of(layer.module, a.o)] = a.o
+        a, i = layer.attn, layer.index
         m = layer.mlp or (layer.moe.shared if layer.moe is not None else None)
+        linears = {}  # what is ordered here, by its name in the layer: o_proj for heads, down_proj for channels
+        if cfg.heads and (a.q is not None or a.mla is not None):
+            linears["heads"] = a.o
         if cfg.channels and m is not None:
-            linears[name_of(layer.module, m.down)] = m.down
-        if cfg.channels and layer.moe is not None:
-            experts[name_of(layer.module, layer.moe.experts)] = ExpertStats.down_grams(layer.moe.experts)
-        seen = observe(layer.module, inputs, linears, experts=experts)
+            linears["channels"] = m.down
+        names = {what: name_of(layer.module, lin) for what, lin in linears.items()}
+        experts = ({name_of(layer.module, layer.moe.experts): ExpertStats.down_grams(layer.moe.experts)}
+                   if cfg.channels and layer.moe is not None else {})
+        seen = observe(layer.module, inputs, {names[w]: lin for w, lin in linears.items()}, experts=experts)
         grams = {name: st.gram_mean for st in seen.stats for name in st.linears}
-        i = layer.index
-        if want_heads:
-            out.heads[i], out.kv[i] = (t.cpu() for t in head_order(a, grams[name_of(layer.module, a.o)],
-                                                                   cfg.reconstruct_damp, cfg.head_mode, quota))
-        if cfg.channels and m is not None:
-            order = channel_order(m.down.weight, grams[name_of(layer.module, m.down)], cfg.reconstruct_damp).cpu()
-            if layer.mlp is not None:
-                out.channels[i] = order
-            else:
-                out.shared_channels[i] = order
+        if "heads" in names:
+            out.heads[i], out.kv[i] = (t.cpu() for t in head_order(a, grams[names["heads"]], cfg.reconstruct_damp,
+                                                                   cfg.head_mode, quota))
+        if "channels" in names:
+            order = channel_order(m.down.weight, grams[names["channels"]], cfg.reconstruct_damp).cpu()
+            (out.channels if layer.mlp is not None else out.shared_channels)[i] = order
         if experts:
             st = next(iter(experts.values()))
             out.expert_channels[i] = _expert_orders(layer.moe.experts.down_proj, st, cfg.reconstruct_damp)
@@ -153,7 +148,8 @@ def _expert_orders(down: torch.Tensor, stats: ExpertStats, damp: float) -> torch
     received none: by the norm of its down_proj columns, the OBS score with an identity Gram)."""
     rows = []
     for e in range(down.shape[0]):
-        n = int(stats.counts[e])
-        gram = stats.h.blocks[e, 0] / n if n else torch.eye(down.shape[2], device=down.device)
+        gram = stats.down_gram(e)
+        if gram is None:
+            gram = torch.eye(down.shape[2], device=down.device)
         rows.append(channel_order(down[e], gram, damp).cpu())
     return torch.stack(rows)

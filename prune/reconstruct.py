@@ -74,10 +74,9 @@ def _refit_experts(layer, plan: Plan, stats: ExpertStats, full: torch.Tensor, da
     merged = set(plan.merge_experts.get(i, {}).values())
     cut, refit = [], []
     for j, e in enumerate(kept):
-        n, keep = int(stats.counts[e]), plan.keep_expert_channels[i][j]
-        if e in merged or n == 0:
+        keep, gram = plan.keep_expert_channels[i][j], stats.down_gram(e)
+        if e in merged or gram is None:
             continue
-        gram = stats.h.blocks[e, 0] / n
         new = solve(full[e], gram, keep, damp)
         cut.append(output_error(full[e], gram, keep, full[e][:, keep]))
         refit.append(output_error(full[e], gram, keep, new))

@@ -98,6 +98,11 @@ class ExpertStats:
         return cls(torch.zeros(n, dtype=torch.long, device=device), _Side.empty(n, hidden, None, device),
                    _Side.empty(n, width, width, device))
 
+    def down_gram(self, e: int) -> torch.Tensor | None:
+        """Expert `e`'s mean down_proj-input Gram (from `down_grams` statistics); None: no tokens reached it."""
+        n = int(self.counts[e])
+        return self.h.blocks[e, 0] / n if n else None
+
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["hidden_states"]
         index = args[1] if len(args) > 1 else kwargs["top_k_index"]
