@@ -78,7 +78,12 @@ def run_dsc(teacher, tok, cfg: PruneConfig, calib, wiki, args) -> dict:
     with PeakMemory(torch.device("cpu")) as mem:
         chosen = plan(model, cfg.model_copy(update={"data": "calib", "split": "all"}), ctx)
         if cfg.reconstruct:
-            reconstruct(model, describe(model), chosen, calib, cfg.batch_size, cfg.reconstruct_damp)
+            bias = (("o_proj",) if chosen.keep_heads else ()) + (("down_proj",) if chosen.keep_channels else ())
+            if cfg.reconstruct_bias:
+                chosen.config.update({"attention_bias": bool(chosen.keep_heads), "mlp_bias": bool(chosen.keep_channels)})
+            reconstruct(model, describe(model), chosen, calib, cfg.batch_size, cfg.reconstruct_damp,
+                        target=cfg.reconstruct_target, depth=cfg.reconstruct_depth,
+                        bias=bias if cfg.reconstruct_bias else ())
         else:
             apply_plan(model, describe(model), chosen)
     seconds = time.perf_counter() - t0
@@ -115,6 +120,10 @@ def main() -> None:
     ap.add_argument("--modes", default="width,mlp,depth", help="width: heads + MLP channels; mlp: channels only; "
                                                               "depth: whole layers")
     ap.add_argument("--reconstruct", default="off,on", help="width/mlp rows without and/or with `reconstruct`")
+    ap.add_argument("--targets", default="layer", help="reconstruct rows for each refit target: layer, model")
+    ap.add_argument("--bias", default="off", help="reconstruct rows without and/or with reconstruct_bias")
+    ap.add_argument("--depth-refit", default="off", help="depth rows without and/or with reconstruct_depth "
+                                                         "(one row per --targets)")
     ap.add_argument("--peers", default="", help="comma list: torch-pruning")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -129,19 +138,35 @@ def main() -> None:
         for imp in args.importances.split(","):
             if mode == "depth" and imp not in ("activation", "random"):
                 continue  # depth has its own importance: block influence (listed as 'block') or random
-            for rec in (args.reconstruct.split(",") if mode != "depth" else ["off"]):
+            for label, extra in variants(mode, args):
                 cfg = PruneConfig(ratio=args.ratio, kinds=kinds, importance=imp if mode != "depth" else "magnitude",
                                   layer_importance="block" if imp == "activation" else "random",
-                                  num_samples=args.calib_samples, batch_size=4, reconstruct=rec == "on")
-                label = imp if mode != "depth" else ("block" if imp == "activation" else "random")
-                label += " + reconstruct" if rec == "on" else ""
-                land(rows, (f"dsc {label}", mode, run_dsc(teacher, tok, cfg, calib, wiki, args)), args)
+                                  num_samples=args.calib_samples, batch_size=4, **extra)
+                name = (imp if mode != "depth" else ("block" if imp == "activation" else "random")) + label
+                land(rows, (f"dsc {name}", mode, run_dsc(teacher, tok, cfg, calib, wiki, args)), args)
         for name in filter(None, args.peers.split(",")):
             target = next(r[2]["params_non_embedding"] for r in rows if r[1] == mode)
             result = peer(name, target, ",".join(kinds), args)
             if result:
                 land(rows, (f"{name} {result.pop('label', '')}".strip(), mode, result), args)
     _print(rows, args)
+
+
+def variants(mode: str, args) -> list[tuple[str, dict]]:
+    """(label suffix, PruneConfig fields) of each row of one importance: the plain cut and the refits."""
+    if mode == "depth":
+        out = [("", {"reconstruct": False})] if "off" in args.depth_refit.split(",") else []
+        if "on" in args.depth_refit.split(","):
+            out += [(f" + depth refit ({t})", {"reconstruct": True, "reconstruct_depth": True, "reconstruct_target": t})
+                    for t in args.targets.split(",")]
+        return out
+    out = [("", {"reconstruct": False})] if "off" in args.reconstruct.split(",") else []
+    if "on" in args.reconstruct.split(","):
+        for t in args.targets.split(","):
+            for b in args.bias.split(","):
+                label = " + reconstruct" + (f" ({t})" if t != "layer" else "") + (" + bias" if b == "on" else "")
+                out.append((label, {"reconstruct": True, "reconstruct_target": t, "reconstruct_bias": b == "on"}))
+    return out
 
 
 def _print(rows, args) -> None:

@@ -61,6 +61,16 @@ FAMILIES = (
 )
 
 
+# Config flags that give a family's projections a bias (model_type → flag → the Family attributes of
+# the linears it adds one to, dense MLPs only for MLP flags): where prune's refit may add an
+# intercept (FLAP's bias compensation) and still leave a config that reloads with from_pretrained.
+BIAS_FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "llama": {"attention_bias": ("q", "k", "v", "o"), "mlp_bias": ("gate", "up", "down")},
+    "qwen3": {"attention_bias": ("q", "k", "v", "o")},
+    "qwen3_moe": {"attention_bias": ("q", "k", "v", "o")},
+}
+
+
 @dataclass(frozen=True)
 class MLA:
     """Multi-head latent attention (DeepSeek-V2/V3). Per head h, q_b's rows h·(nope+rope) … hold its
@@ -158,6 +168,7 @@ class Layer:
 class Structure:
     family: Family
     layers: tuple[Layer, ...]
+    model_type: str = ""  # config.model_type (BIAS_FLAGS is keyed by it)
 
     @property
     def num_heads(self) -> int:
@@ -207,7 +218,7 @@ def describe(model: nn.Module) -> Structure:
         else:
             mlp = _mlp(layer, family.mlp, path, family)
         layers.append(Layer(i, path, layer, attn, mlp, moe))
-    return Structure(family, tuple(layers))
+    return Structure(family, tuple(layers), config.model_type)
 
 
 def _mlp(parent: nn.Module, name: str, parent_path: str, family: Family) -> MLP | None:

@@ -66,6 +66,18 @@ class PruneConfig(Config):
                                                 "matches the unpruned layer's (errors in plan.json). On by default "
                                                 "(it measured better on every model and cut tried); a run without "
                                                 "data sources skips it with a note; false: the plain cut")
+    reconstruct_target: Literal["layer", "model"] = Field(
+        "layer", description="what the refit matches: layer (the unpruned layer's output on the pruned model's own "
+                             "inputs: each layer repairs its own cut) or model (the unpruned model's layer output on "
+                             "its own inputs, a second calibration stream: each refit also corrects the layers "
+                             "before it)")
+    reconstruct_depth: bool = Field(False, description="after removed layers, the next layer also refits its input "
+                                                       "projections (q/k/v or MLA's q_a/kv_a, a dense MLP's gate/up) "
+                                                       "to read what the unpruned model's layer read, and targets "
+                                                       "the unpruned model's output")
+    reconstruct_bias: bool = Field(False, description="the refit o_proj / down_proj also get an intercept (FLAP's "
+                                                      "bias compensation); sets attention_bias / mlp_bias in the "
+                                                      "config (Llama; attention only in Qwen3 and Qwen3-MoE)")
     reconstruct_damp: float = Field(0.01, ge=0, description="ridge of the refit (and of obs importance's inverse "
                                                             "Gram), times the mean input energy of the units")
     data: str | None = Field(None, description="calibration data source (default: the recipe's first)")
@@ -88,6 +100,11 @@ class PruneConfig(Config):
             raise ValueError("nothing to prune: set ratio, or heads, channels, layers, experts or latent above 0")
         if self.ratio and not self.kinds:
             raise ValueError("a global ratio needs at least one of kinds: heads, channels, layers, experts")
+        changed = [k for k in ("reconstruct_target", "reconstruct_depth", "reconstruct_bias")
+                   if k in self.model_fields_set and getattr(self, k) not in ("layer", False)]
+        if changed and not self.reconstruct:
+            raise ValueError(f"{changed[0]} shapes the least-squares refit, which reconstruct: false turns off: "
+                             f"drop {changed[0]} or set reconstruct: true")
         if self.importance == "obs" and (self.latent or (self.ratio and "latent" in self.kinds)):
             raise ValueError("importance obs scores heads and MLP channels, not MLA latent ranks (no single "
                              "projection's error measures them): use importance activation or magnitude with latent")

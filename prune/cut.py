@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsc.structure import Structure
+from dsc.structure import BIAS_FLAGS, Structure
 from dsc.prune import experts as moe_experts
 from dsc.prune.plan import Plan
 
@@ -73,6 +73,20 @@ def finish(model: nn.Module, structure: Structure, plan: Plan) -> nn.Module:
     for key, value in plan.config.items():
         setattr(model.config, key, value)
     return model
+
+
+def add_zero_biases(layer, structure: Structure, plan: Plan) -> None:
+    """Zero biases on every linear of `layer` a bias flag the plan turns on gives one (the refit
+    gave its projection a real one): what a model built from the new config holds, so it reloads."""
+    flags = BIAS_FLAGS.get(structure.model_type, {})
+    for flag, attrs in flags.items():
+        if not plan.config.get(flag):
+            continue
+        parent = layer.attn if attrs[0] in ("q", "o") else layer.mlp
+        for attr in attrs if parent is not None else ():
+            lin = getattr(parent, attr)
+            if lin is not None and lin.bias is None:
+                lin.bias = nn.Parameter(lin.weight.new_zeros(lin.out_features), requires_grad=lin.weight.requires_grad)
 
 
 def _cut_latent(layer, structure: Structure, plan: Plan) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from dsc.errors import FieldError
 from dsc.evaluation import param_counts
-from dsc.structure import Structure
+from dsc.structure import BIAS_FLAGS, Structure
 from dsc.prune import experts as moe_experts
 from dsc.prune.importance import Scores
 
@@ -312,7 +312,10 @@ def _removed_params(structure: Structure, plan: Plan) -> int:
             for key, a, b in (("kv", mla.kv_a, mla.kv_b), ("q", mla.q_a, mla.q_b)):
                 if key in plan.keep_latent[i]:
                     gone = b.in_features - len(plan.keep_latent[i][key])
-                    removed += gone * (a.in_features + (a.bias is not None) + 1 + b.out_features)  # + 1: norm
+                    rows = b.out_features  # b's rows left after a head cut (its removal counted them already)
+                    if i in plan.keep_heads:
+                        rows = rows // layer.attn.num_heads * len(plan.keep_heads[i])
+                    removed += gone * (a.in_features + (a.bias is not None) + 1 + rows)  # + 1: norm
         if i in plan.keep_experts:
             e = layer.moe
             gone = e.num_experts - len(plan.keep_experts[i])
@@ -328,6 +331,31 @@ def _removed_params(structure: Structure, plan: Plan) -> int:
             rows = [m.up] + ([m.gate] if m.gate is not None else [])
             removed += sum(dc * (lin.in_features + (lin.bias is not None)) for lin in rows) + dc * m.down.out_features
     return removed
+
+
+def add_bias_flags(structure: Structure, plan: Plan, flags: list[str]) -> None:
+    """Turn on config `flags` (dsc.structure.BIAS_FLAGS): every linear each covers gets a bias after
+    the cut, counted here so the plan's parameter counts stay what the saved model holds."""
+    covered = BIAS_FLAGS[structure.model_type]
+    added = 0
+    for layer in structure.layers:
+        i, a = layer.index, layer.attn
+        if i in plan.drop_layers:
+            continue
+        for flag in flags:
+            for attr in covered[flag]:
+                if attr in ("q", "k", "v", "o"):
+                    lin, units = getattr(a, attr), plan.keep_heads.get(i) if attr == "q" else plan.keep_kv.get(i)
+                    rows = lin.out_features if attr == "o" or units is None else len(units) * a.head_dim
+                elif layer.mlp is not None:
+                    lin = getattr(layer.mlp, attr)
+                    rows = lin.out_features if attr == "down" or i not in plan.keep_channels else len(plan.keep_channels[i])
+                else:
+                    continue
+                added += rows if lin is not None and lin.bias is None else 0
+    plan.config.update({flag: True for flag in flags})
+    plan.params_after += added
+    plan.params_non_embedding_after += added
 
 
 def _removed_heads(a, plan: Plan, i: int) -> int:

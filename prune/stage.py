@@ -5,14 +5,18 @@
 """
 from __future__ import annotations
 
+import os
+
+import torch
+
 from dsc.errors import FieldError
 from dsc.fingerprint import write_json
 from dsc.stages import StageOutput
-from dsc.structure import describe
+from dsc.structure import BIAS_FLAGS, describe
 from dsc.prune.config import PruneConfig
 from dsc.prune.importance import compute, sequential_expert_scores
 from dsc.prune.cut import apply_plan
-from dsc.prune.plan import Plan, expert_budget, make_plan
+from dsc.prune.plan import Plan, add_bias_flags, expert_budget, make_plan
 from dsc.prune.reconstruct import reconstruct
 
 
@@ -76,7 +80,8 @@ def _global(model, structure, scores, cfg: PruneConfig, kinds: list[str]) -> Pla
 def _reconstructs(cfg: PruneConfig, ctx, chosen: Plan) -> bool:
     """Whether the refit runs: on when asked (the default) and something it refits was cut. A run
     without data sources skips the default with a note, and refuses an explicit `reconstruct: true`."""
-    if not (chosen.keep_heads or chosen.keep_channels or chosen.keep_expert_channels):
+    depth = cfg.reconstruct_depth and chosen.drop_layers
+    if not (chosen.keep_heads or chosen.keep_channels or chosen.keep_expert_channels or chosen.keep_latent or depth):
         return False
     if not cfg.reconstruct:
         if cfg.importance == "obs":
@@ -94,10 +99,43 @@ def _reconstructs(cfg: PruneConfig, ctx, chosen: Plan) -> bool:
     return False
 
 
-def apply(model, cfg: PruneConfig, ctx) -> StageOutput:
+def _bias(cfg: PruneConfig, structure, chosen: Plan) -> tuple[str, ...]:
+    """The refit projections that get an intercept, and the config flags that give them one."""
+    if not cfg.reconstruct_bias:
+        return ()
+    flags = BIAS_FLAGS.get(structure.model_type, {})
+    wanted = {"o_proj": ("attention_bias", bool(chosen.keep_heads)),
+              "down_proj": ("mlp_bias", bool(chosen.keep_channels))}
+    if not any(flag in flags for flag, _ in wanted.values()):
+        raise FieldError("reconstruct_bias", f"{structure.model_type} has no config flag that gives o_proj or "
+                                             f"down_proj a bias, so a compensating bias would not reload; set "
+                                             f"reconstruct_bias: false (flags known for: {', '.join(BIAS_FLAGS)})")
+    add_bias_flags(structure, chosen, [flag for flag, cut in wanted.values() if flag in flags and cut])
+    return tuple(k for k, (flag, cut) in wanted.items() if flag in flags and cut)
+
+
+def _planned(model, cfg: PruneConfig, ctx) -> Plan:
+    """The plan, or the one a killed run saved in its work folder (the refit resumes against it)."""
+    saved = ctx.work_dir / "plan.pt" if ctx.work_dir is not None else None
+    if saved is not None and saved.is_file():
+        ctx.log.info("prune: resuming with the saved plan", extra={"event": "resume", "what": "plan"})
+        return torch.load(saved, weights_only=False)
     chosen = plan(model, cfg, ctx)
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_name(".tmp-plan.pt")
+        torch.save(chosen, tmp)
+        os.replace(tmp, saved)
+    return chosen
+
+
+def apply(model, cfg: PruneConfig, ctx) -> StageOutput:
+    chosen = _planned(model, cfg, ctx)
     if _reconstructs(cfg, ctx, chosen):
-        reconstruct(model, describe(model), chosen, _blocks(cfg, ctx), cfg.batch_size, cfg.reconstruct_damp, ctx.log)
+        structure = describe(model)
+        reconstruct(model, structure, chosen, _blocks(cfg, ctx), cfg.batch_size, cfg.reconstruct_damp, ctx.log,
+                    target=cfg.reconstruct_target, depth=cfg.reconstruct_depth, bias=_bias(cfg, structure, chosen),
+                    work_dir=ctx.work_dir)
     else:
         apply_plan(model, describe(model), chosen)
     if ctx.stage_dir is not None:

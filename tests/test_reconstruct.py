@@ -162,3 +162,114 @@ def test_reconstruct_default_needs_data_only_when_asked(tokenizer):
     with pytest.raises(FieldError, match="reconstruct"):
         apply_stage("prune", tiny("llama", len(tokenizer)),
                     PruneConfig(channels=0.5, importance="magnitude", reconstruct=True), ctx)
+
+
+def test_cross_refit_is_the_least_squares_optimum_with_and_without_intercept():
+    """What the model target and a latent cut solve: the pruned layer's input x is not a subset of
+    the reference's r. fit() is lstsq's optimum; with the intercept, lstsq with a ones column; the
+    errors read off the streaming statistics are the direct ones."""
+    from dsc.prune.reconstruct import Paired, error, fit
+
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(500, 20, generator=g, dtype=torch.float64) @ torch.randn(20, 20, generator=g, dtype=torch.float64)
+    r += 2.0  # a mean the intercept can take over
+    x = r[:, :12] @ torch.randn(12, 12, generator=g, dtype=torch.float64) + 0.3 * torch.randn(500, 12, generator=g,
+                                                                                              dtype=torch.float64)
+    w = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    y = r @ w.T
+    for centred in (False, True):
+        st = Paired(w)
+        for part in range(5):  # streamed in batches
+            st.add(x[part * 100:(part + 1) * 100], r[part * 100:(part + 1) * 100])
+        a, c, energy, mx, mr = st.means(centred)
+        new = fit(w, a, c, damp=0.0)
+        design = torch.cat([x, torch.ones(500, 1, dtype=x.dtype)], 1) if centred else x
+        best = torch.linalg.lstsq(design, y).solution.T
+        torch.testing.assert_close(new, best[:, :12], rtol=1e-5, atol=1e-6)
+        pred = x @ new.T
+        if centred:
+            b = w.double() @ mr - new @ mx
+            torch.testing.assert_close(b, best[:, 12], rtol=1e-5, atol=1e-6)
+            pred = pred + b
+        direct = ((y - pred).pow(2).sum() / y.pow(2).sum()).item()
+        total = st.means(False)[2] if centred else None
+        assert error(w, new, a, c, energy, total) == pytest.approx(direct, rel=1e-4)
+
+
+def test_latent_ranks_are_refit_and_reload(tokenizer, ctx, tmp_path):
+    """MLA latent cut: q_b and kv_b read the narrower normalised latent; their refit (the cross
+    statistics: the kept ranks change when the norm sees fewer channels) lowers their error."""
+    out = apply_stage("prune", make_moe("deepseek_v3", len(tokenizer)),
+                      PruneConfig(latent=0.5, heads=0.5, importance="activation"), ctx)
+    assert_reloads(out, len(tokenizer), tmp_path)
+    rec = out.metrics["plan"]["reconstruction"]
+    assert {"q_b_proj", "kv_b_proj", "o_proj"} <= set(rec)
+    assert all(e["error_refit"] < e["error_cut"] for e in rec.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_model_target_and_depth_refit_reload(family, tokenizer, ctx, tmp_path):
+    """reconstruct_target model (a second stream: the unpruned model's) and reconstruct_depth (the
+    layer after a removed one refits its q/k/v and gate/up) keep the save → reload guarantee."""
+    cfg = PruneConfig(heads=0.5, channels=0.25, layers=0.25, layer_importance="random", reconstruct_target="model",
+                      reconstruct_depth=True)
+    out = apply_stage("prune", tiny(family, len(tokenizer)), cfg, ctx)
+    assert_reloads(out, len(tokenizer), tmp_path)
+    dropped = out.metrics["plan"]["drop_layers"]
+    after = [i for i in range(4) if i not in dropped and i - 1 in dropped]
+    rec = out.metrics["plan"]["reconstruction"]
+    assert {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} <= set(rec) if after else True
+    for errors in rec.values():
+        assert errors["error_refit"] <= errors["error_cut"] + 1e-9
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_bias_compensation_sets_the_flags_and_reloads(family, tokenizer, ctx, tmp_path):
+    """reconstruct_bias: o_proj / down_proj get the intercept; the config flags say so and every
+    other linear they cover gets a zero bias, so from_pretrained rebuilds the same model."""
+    vocab = len(tokenizer)
+    out = apply_stage("prune", tiny(family, vocab), PruneConfig(heads=0.5, channels=0.5, reconstruct_bias=True), ctx)
+    again = assert_reloads(out, vocab, tmp_path)
+    assert again.config.attention_bias is True
+    assert getattr(again.config, "mlp_bias", False) is (family == "llama")
+    layer = out.model.model.layers[0]
+    assert layer.self_attn.o_proj.bias.abs().sum() > 0 and layer.self_attn.q_proj.bias.abs().sum() == 0
+    assert all(e["error_refit"] < e["error_cut"] for e in out.metrics["plan"]["reconstruction"].values())
+
+
+def test_bias_compensation_refused_where_the_config_cannot_carry_it(tokenizer, ctx):
+    from dsc.errors import FieldError
+
+    with pytest.raises(FieldError, match="reconstruct_bias"):
+        apply_stage("prune", tiny("qwen2", len(tokenizer)), PruneConfig(channels=0.5, reconstruct_bias=True), ctx)
+    with pytest.raises(ValueError, match="reconstruct_bias .*reconstruct: false"):
+        PruneConfig(channels=0.5, reconstruct=False, reconstruct_bias=True)
+
+
+def test_refit_killed_mid_model_resumes_after_the_last_layer(tokenizer, ctx, tmp_path, monkeypatch):
+    """A crash while refitting layer 2 keeps layers 0 and 1 (and the plan); the rerun refits only
+    what is left and ends exactly where an uninterrupted run does."""
+    import dsc.prune.reconstruct as rec
+
+    cfg = PruneConfig(heads=0.5, channels=0.5, reconstruct_target="model")
+    reference = apply_stage("prune", tiny("llama", len(tokenizer)), cfg, ctx).model
+    ctx.work_dir = tmp_path / "work"
+    real, calls = rec._mlp, []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec, "_mlp", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        apply_stage("prune", tiny("llama", len(tokenizer)), cfg, ctx)
+    assert (ctx.work_dir / "plan.pt").is_file()
+    calls.clear()
+    out = apply_stage("prune", tiny("llama", len(tokenizer)), cfg, ctx)
+    assert len(calls) == 2  # layers 2 and 3
+    assert sorted(out.metrics["plan"]["reconstruction"]) == ["down_proj", "o_proj"]
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(out.model(ids).logits, reference(ids).logits, atol=0, rtol=0)
