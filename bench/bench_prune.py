@@ -70,7 +70,7 @@ def measure(model, evals, args) -> dict:
             **param_counts(model)}
 
 
-def run_dsc(teacher, tok, cfg: PruneConfig, calib, wiki, args) -> dict:
+def run_dsc(teacher, tok, cfg: PruneConfig, calib, wiki, args, target: str = "layer") -> dict:
     model = copy.deepcopy(teacher)
     ctx = Context.create(tok, {}, device="cpu")
     ctx.data.put(_as_data(calib))
@@ -82,7 +82,7 @@ def run_dsc(teacher, tok, cfg: PruneConfig, calib, wiki, args) -> dict:
             if cfg.reconstruct_bias:
                 chosen.config.update({"attention_bias": bool(chosen.keep_heads), "mlp_bias": bool(chosen.keep_channels)})
             reconstruct(model, describe(model), chosen, calib, cfg.batch_size, cfg.reconstruct_damp,
-                        target=cfg.reconstruct_target, depth=cfg.reconstruct_depth,
+                        target=target, depth=cfg.reconstruct_depth,
                         bias=bias if cfg.reconstruct_bias else ())
         else:
             apply_plan(model, describe(model), chosen)
@@ -120,10 +120,12 @@ def main() -> None:
     ap.add_argument("--modes", default="width,mlp,depth", help="width: heads + MLP channels; mlp: channels only; "
                                                               "depth: whole layers")
     ap.add_argument("--reconstruct", default="off,on", help="width/mlp rows without and/or with `reconstruct`")
-    ap.add_argument("--targets", default="layer", help="reconstruct rows for each refit target: layer, model")
+    ap.add_argument("--targets", default="layer", help="reconstruct rows for each refit target: layer, model (the "
+                                                       "unpruned model's stream: measured worse, docs/benchmarks.md)")
     ap.add_argument("--bias", default="off", help="reconstruct rows without and/or with reconstruct_bias")
     ap.add_argument("--depth-refit", default="off", help="depth rows without and/or with reconstruct_depth "
                                                          "(one row per --targets)")
+    ap.add_argument("--damp", default="0.01", help="comma list of reconstruct_damp values (one row each)")
     ap.add_argument("--peers", default="", help="comma list: torch-pruning")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -139,11 +141,12 @@ def main() -> None:
             if mode == "depth" and imp not in ("activation", "random"):
                 continue  # depth has its own importance: block influence (listed as 'block') or random
             for label, extra in variants(mode, args):
+                target = extra.pop("target", "layer")
                 cfg = PruneConfig(ratio=args.ratio, kinds=kinds, importance=imp if mode != "depth" else "magnitude",
                                   layer_importance="block" if imp == "activation" else "random",
                                   num_samples=args.calib_samples, batch_size=4, **extra)
                 name = (imp if mode != "depth" else ("block" if imp == "activation" else "random")) + label
-                land(rows, (f"dsc {name}", mode, run_dsc(teacher, tok, cfg, calib, wiki, args)), args)
+                land(rows, (f"dsc {name}", mode, run_dsc(teacher, tok, cfg, calib, wiki, args, target)), args)
         for name in filter(None, args.peers.split(",")):
             target = next(r[2]["params_non_embedding"] for r in rows if r[1] == mode)
             result = peer(name, target, ",".join(kinds), args)
@@ -157,15 +160,18 @@ def variants(mode: str, args) -> list[tuple[str, dict]]:
     if mode == "depth":
         out = [("", {"reconstruct": False})] if "off" in args.depth_refit.split(",") else []
         if "on" in args.depth_refit.split(","):
-            out += [(f" + depth refit ({t})", {"reconstruct": True, "reconstruct_depth": True, "reconstruct_target": t})
+            out += [(f" + depth refit" + (f" ({t})" if t != "layer" else ""), {"reconstruct": True, "reconstruct_depth": True, "target": t})
                     for t in args.targets.split(",")]
         return out
     out = [("", {"reconstruct": False})] if "off" in args.reconstruct.split(",") else []
     if "on" in args.reconstruct.split(","):
         for t in args.targets.split(","):
             for b in args.bias.split(","):
-                label = " + reconstruct" + (f" ({t})" if t != "layer" else "") + (" + bias" if b == "on" else "")
-                out.append((label, {"reconstruct": True, "reconstruct_target": t, "reconstruct_bias": b == "on"}))
+                for d in args.damp.split(","):
+                    label = " + reconstruct" + (f" ({t})" if t != "layer" else "") + (" + bias" if b == "on" else "")
+                    label += f" (damp {d})" if float(d) != 0.01 else ""
+                    out.append((label, {"reconstruct": True, "target": t, "reconstruct_bias": b == "on",
+                                        "reconstruct_damp": float(d)}))
     return out
 
 

@@ -61,20 +61,17 @@ class PruneConfig(Config):
     ignore: list[str] = Field(default_factory=list, description="regexes over layer paths never removed")
     reconstruct: bool = Field(True, description="after the cut, refit every projection that read removed units "
                                                 "(o_proj for heads, down_proj for MLP / shared-expert / routed-expert "
-                                                "channels) by least squares on calibration data, layer by layer with "
-                                                "the pruned layers before it propagated, so each layer's output "
-                                                "matches the unpruned layer's (errors in plan.json). On by default "
+                                                "channels, q_b / kv_b for MLA latent ranks) by least squares on "
+                                                "calibration data, layer by layer with the pruned layers before it "
+                                                "propagated, so each layer's output matches the unpruned layer's "
+                                                "(errors in plan.json; resumes per layer after a kill). On by default "
                                                 "(it measured better on every model and cut tried); a run without "
                                                 "data sources skips it with a note; false: the plain cut")
-    reconstruct_target: Literal["layer", "model"] = Field(
-        "layer", description="what the refit matches: layer (the unpruned layer's output on the pruned model's own "
-                             "inputs: each layer repairs its own cut) or model (the unpruned model's layer output on "
-                             "its own inputs, a second calibration stream: each refit also corrects the layers "
-                             "before it)")
     reconstruct_depth: bool = Field(False, description="after removed layers, the next layer also refits its input "
                                                        "projections (q/k/v or MLA's q_a/kv_a, a dense MLP's gate/up) "
-                                                       "to read what the unpruned model's layer read, and targets "
-                                                       "the unpruned model's output")
+                                                       "to read what the unpruned model's layer read from the "
+                                                       "unpruned model's stream, and its other refits target that "
+                                                       "layer's output there")
     reconstruct_bias: bool = Field(False, description="the refit o_proj / down_proj also get an intercept (FLAP's "
                                                       "bias compensation); sets attention_bias / mlp_bias in the "
                                                       "config (Llama; attention only in Qwen3 and Qwen3-MoE)")
@@ -100,8 +97,7 @@ class PruneConfig(Config):
             raise ValueError("nothing to prune: set ratio, or heads, channels, layers, experts or latent above 0")
         if self.ratio and not self.kinds:
             raise ValueError("a global ratio needs at least one of kinds: heads, channels, layers, experts")
-        changed = [k for k in ("reconstruct_target", "reconstruct_depth", "reconstruct_bias")
-                   if k in self.model_fields_set and getattr(self, k) not in ("layer", False)]
+        changed = [k for k in ("reconstruct_depth", "reconstruct_bias") if getattr(self, k)]
         if changed and not self.reconstruct:
             raise ValueError(f"{changed[0]} shapes the least-squares refit, which reconstruct: false turns off: "
                              f"drop {changed[0]} or set reconstruct: true")

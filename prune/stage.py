@@ -134,7 +134,7 @@ def apply(model, cfg: PruneConfig, ctx) -> StageOutput:
     if _reconstructs(cfg, ctx, chosen):
         structure = describe(model)
         reconstruct(model, structure, chosen, _blocks(cfg, ctx), cfg.batch_size, cfg.reconstruct_damp, ctx.log,
-                    target=cfg.reconstruct_target, depth=cfg.reconstruct_depth, bias=_bias(cfg, structure, chosen),
+                    depth=cfg.reconstruct_depth, bias=_bias(cfg, structure, chosen),
                     work_dir=ctx.work_dir)
     else:
         apply_plan(model, describe(model), chosen)

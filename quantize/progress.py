@@ -1,9 +1,10 @@
 """Layer-by-layer progress of a calibrated stage, in the stage's work folder: a run killed during
 calibration restarts after the last finished layer, not from layer 0 (hours on a large model).
+The quantizers and prune's least-squares refit (dsc.prune.reconstruct) both keep it.
 
-After each layer: `layer-NNNN.pt` (the layer's quantized state, norms with folded scales included,
-and what each linear became), then `inputs.pt` (the next layer's inputs), then `meta.json`,
-renamed into place last, which says how far the work got. The runner keys the work folder by
+After each layer: `layer-NNNN.pt` (the layer's state — quantized, norms with folded scales
+included, or pruned and refit — and what the stage records of it), then `inputs.pt` (the next
+layer's inputs), then `meta.json`, renamed into place last, which says how far the work got. The runner keys the work folder by
 the stage's fingerprint (recipe, model, data), so a changed run never reads it.
 """
 from __future__ import annotations
@@ -14,8 +15,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-from dsc.quantize.layerwise import Quantized
 
 
 def _save(obj, path: Path) -> None:
@@ -33,7 +32,7 @@ class Progress:
         meta = self.dir / "meta.json" if self.dir else None
         return json.loads(meta.read_text())["layer"] if meta and meta.is_file() else -1
 
-    def save(self, index: int, layer: nn.Module, done: dict[str, Quantized], searches: list, inputs) -> None:
+    def save(self, index: int, layer: nn.Module, done: dict, searches: list, inputs) -> None:
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +42,7 @@ class Progress:
         tmp.write_text(json.dumps({"layer": index}))
         os.replace(tmp, self.dir / "meta.json")
 
-    def restore(self, index: int, layer: nn.Module) -> tuple[dict[str, Quantized], list]:
+    def restore(self, index: int, layer: nn.Module) -> tuple[dict, list]:
         saved = torch.load(self.dir / f"layer-{index:04d}.pt", map_location="cpu", weights_only=False)
         layer.load_state_dict(saved["state"])
         return saved["done"], saved["searches"]

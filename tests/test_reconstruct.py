@@ -208,11 +208,10 @@ def test_latent_ranks_are_refit_and_reload(tokenizer, ctx, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_model_target_and_depth_refit_reload(family, tokenizer, ctx, tmp_path):
-    """reconstruct_target model (a second stream: the unpruned model's) and reconstruct_depth (the
-    layer after a removed one refits its q/k/v and gate/up) keep the save → reload guarantee."""
-    cfg = PruneConfig(heads=0.5, channels=0.25, layers=0.25, layer_importance="random", reconstruct_target="model",
-                      reconstruct_depth=True)
+def test_depth_refit_reloads(family, tokenizer, ctx, tmp_path):
+    """reconstruct_depth (a second stream, the unpruned model's: the layer after a removed one refits
+    its q/k/v and gate/up to read what the unpruned layer read) keeps the save → reload guarantee."""
+    cfg = PruneConfig(heads=0.5, channels=0.25, layers=0.25, layer_importance="random", reconstruct_depth=True)
     out = apply_stage("prune", tiny(family, len(tokenizer)), cfg, ctx)
     assert_reloads(out, len(tokenizer), tmp_path)
     dropped = out.metrics["plan"]["drop_layers"]
@@ -247,11 +246,12 @@ def test_bias_compensation_refused_where_the_config_cannot_carry_it(tokenizer, c
 
 
 def test_refit_killed_mid_model_resumes_after_the_last_layer(tokenizer, ctx, tmp_path, monkeypatch):
-    """A crash while refitting layer 2 keeps layers 0 and 1 (and the plan); the rerun refits only
-    what is left and ends exactly where an uninterrupted run does."""
+    """A crash while refitting the third kept layer keeps the first two (and the plan, and with
+    depth the unpruned stream); the rerun refits only what is left and ends exactly where an
+    uninterrupted run does."""
     import dsc.prune.reconstruct as rec
 
-    cfg = PruneConfig(heads=0.5, channels=0.5, reconstruct_target="model")
+    cfg = PruneConfig(heads=0.5, channels=0.5, layers=0.25, layer_importance="random", reconstruct_depth=True)
     reference = apply_stage("prune", tiny("llama", len(tokenizer)), cfg, ctx).model
     ctx.work_dir = tmp_path / "work"
     real, calls = rec._mlp, []
@@ -268,8 +268,37 @@ def test_refit_killed_mid_model_resumes_after_the_last_layer(tokenizer, ctx, tmp
     assert (ctx.work_dir / "plan.pt").is_file()
     calls.clear()
     out = apply_stage("prune", tiny("llama", len(tokenizer)), cfg, ctx)
-    assert len(calls) == 2  # layers 2 and 3
-    assert sorted(out.metrics["plan"]["reconstruction"]) == ["down_proj", "o_proj"]
+    assert len(calls) == 1  # the last layer (one of the four is removed)
+    assert {"down_proj", "o_proj"} <= set(out.metrics["plan"]["reconstruction"])
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(out.model(ids).logits, reference(ids).logits, atol=0, rtol=0)
+
+
+def _ppl_by(model_dir, cuts: dict[str, dict]) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    ctx, stream = _stories(model_dir)
+    ppl = {}
+    for name, cfg in cuts.items():
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        out = apply_stage("prune", model, PruneConfig(num_samples=48, **cfg), ctx).model
+        ppl[name] = perplexity(out, stream, 128, 128)["perplexity"]
+    print(ppl)
+    return ppl
+
+
+def test_latent_refit_quality_floor_on_deepseek_v3(tiny_dsv3_dir):
+    """tiny-deepseek-v3, half of q_lora_rank and kv_lora_rank removed, no training, held-out samples:
+    refitting q_b / kv_b at most 0.7× the plain cut's perplexity (measured 12.95 → 7.41; teacher 5.76)."""
+    ppl = _ppl_by(tiny_dsv3_dir, {"plain": dict(latent=0.5, reconstruct=False), "refit": dict(latent=0.5)})
+    assert ppl["refit"] < 0.7 * ppl["plain"]
+
+
+def test_depth_refit_quality_floor(stories_dir):
+    """stories260K, a third of the layers removed, no training, held-out samples: refitting the next
+    layers' input projections at most 0.75× the plain drop's perplexity (measured 58.6 → 33.4;
+    teacher 4.40)."""
+    ppl = _ppl_by(stories_dir, {"plain": dict(layers=0.34, reconstruct=False),
+                                "depth": dict(layers=0.34, reconstruct_depth=True)})
+    assert ppl["depth"] < 0.75 * ppl["plain"]
