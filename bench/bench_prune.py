@@ -39,6 +39,7 @@ from dsc.evaluation import PeakMemory, param_counts, perplexity, speed  # noqa: 
 from dsc.models import ModelRef, load_model, load_tokenizer, resolve  # noqa: E402
 from dsc.prune import PruneConfig, apply_plan, plan  # noqa: E402
 from dsc.prune.reconstruct import reconstruct  # noqa: E402
+from dsc.prune.stage import bias_targets  # noqa: E402
 from dsc.structure import describe  # noqa: E402
 
 
@@ -78,12 +79,9 @@ def run_dsc(teacher, tok, cfg: PruneConfig, calib, wiki, args, target: str = "la
     with PeakMemory(torch.device("cpu")) as mem:
         chosen = plan(model, cfg.model_copy(update={"data": "calib", "split": "all"}), ctx)
         if cfg.reconstruct:
-            bias = (("o_proj",) if chosen.keep_heads else ()) + (("down_proj",) if chosen.keep_channels else ())
-            if cfg.reconstruct_bias:
-                chosen.config.update({"attention_bias": bool(chosen.keep_heads), "mlp_bias": bool(chosen.keep_channels)})
-            reconstruct(model, describe(model), chosen, calib, cfg.batch_size, cfg.reconstruct_damp,
-                        target=target, depth=cfg.reconstruct_depth,
-                        bias=bias if cfg.reconstruct_bias else ())
+            structure = describe(model)
+            reconstruct(model, structure, chosen, calib, cfg.batch_size, cfg.reconstruct_damp, target=target,
+                        depth=cfg.reconstruct_depth, bias=bias_targets(cfg, structure, chosen))
         else:
             apply_plan(model, describe(model), chosen)
     seconds = time.perf_counter() - t0
@@ -160,7 +158,8 @@ def variants(mode: str, args) -> list[tuple[str, dict]]:
     if mode == "depth":
         out = [("", {"reconstruct": False})] if "off" in args.depth_refit.split(",") else []
         if "on" in args.depth_refit.split(","):
-            out += [(f" + depth refit" + (f" ({t})" if t != "layer" else ""), {"reconstruct": True, "reconstruct_depth": True, "target": t})
+            out += [(" + depth refit" + (f" ({t})" if t != "layer" else ""),
+                     {"reconstruct": True, "reconstruct_depth": True, "target": t})
                     for t in args.targets.split(",")]
         return out
     out = [("", {"reconstruct": False})] if "off" in args.reconstruct.split(",") else []

@@ -61,13 +61,15 @@ FAMILIES = (
 )
 
 
-# Config flags that give a family's projections a bias (model_type → flag → the Family attributes of
-# the linears it adds one to, dense MLPs only for MLP flags): where prune's refit may add an
-# intercept (FLAP's bias compensation) and still leave a config that reloads with from_pretrained.
-BIAS_FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
-    "llama": {"attention_bias": ("q", "k", "v", "o"), "mlp_bias": ("gate", "up", "down")},
-    "qwen3": {"attention_bias": ("q", "k", "v", "o")},
-    "qwen3_moe": {"attention_bias": ("q", "k", "v", "o")},
+# Config flags that give a family's projections a bias: model_type → flag → (the Layer attribute
+# holding the linears, "attn" or "mlp" (dense MLPs only), and their attributes there). Keyed by
+# model_type, not Family: the llama-like family mixes configs with and without them. This is where
+# prune's refit may add an intercept (FLAP's bias compensation) and still leave a config that
+# reloads with from_pretrained.
+BIAS_FLAGS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
+    "llama": {"attention_bias": ("attn", ("q", "k", "v", "o")), "mlp_bias": ("mlp", ("gate", "up", "down"))},
+    "qwen3": {"attention_bias": ("attn", ("q", "k", "v", "o"))},
+    "qwen3_moe": {"attention_bias": ("attn", ("q", "k", "v", "o"))},
 }
 
 

@@ -97,6 +97,9 @@ class PruneConfig(Config):
             raise ValueError("nothing to prune: set ratio, or heads, channels, layers, experts or latent above 0")
         if self.ratio and not self.kinds:
             raise ValueError("a global ratio needs at least one of kinds: heads, channels, layers, experts")
+        if self.reconstruct_depth and not (self.layers or (self.ratio and "layers" in self.kinds)):
+            raise ValueError("reconstruct_depth refits the layers after removed ones, and this cut removes no layers: "
+                             "set layers (or add layers to kinds), or drop reconstruct_depth")
         changed = [k for k in ("reconstruct_depth", "reconstruct_bias") if getattr(self, k)]
         if changed and not self.reconstruct:
             raise ValueError(f"{changed[0]} shapes the least-squares refit, which reconstruct: false turns off: "

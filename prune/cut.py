@@ -78,12 +78,11 @@ def finish(model: nn.Module, structure: Structure, plan: Plan) -> nn.Module:
 def add_zero_biases(layer, structure: Structure, plan: Plan) -> None:
     """Zero biases on every linear of `layer` a bias flag the plan turns on gives one (the refit
     gave its projection a real one): what a model built from the new config holds, so it reloads."""
-    flags = BIAS_FLAGS.get(structure.model_type, {})
-    for flag, attrs in flags.items():
-        if not plan.config.get(flag):
+    for flag, (where, attrs) in BIAS_FLAGS.get(structure.model_type, {}).items():
+        parent = getattr(layer, where)
+        if not plan.config.get(flag) or parent is None:
             continue
-        parent = layer.attn if attrs[0] in ("q", "o") else layer.mlp
-        for attr in attrs if parent is not None else ():
+        for attr in attrs:
             lin = getattr(parent, attr)
             if lin is not None and lin.bias is None:
                 lin.bias = nn.Parameter(lin.weight.new_zeros(lin.out_features), requires_grad=lin.weight.requires_grad)

@@ -29,7 +29,8 @@ class Plan:
     merge_weights: dict[int, list[float]] = field(default_factory=dict)  # -> routing frequency of each expert
     keep_latent: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # -> {"q"/"kv": kept latent channels}
     latent_scale: dict[int, dict[str, float]] = field(default_factory=dict)  # -> latent norm weight factors
-    # -> {"o_proj"/"down_proj": relative output error on calibration data of the plain cut and of the refit}
+    # -> {refit projection ("o_proj", "down_proj", "q_b_proj", ...): relative output error on calibration
+    #     data of the plain cut and of the refit}
     reconstructed: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     params_before: int = 0
     params_after: int = 0
@@ -336,26 +337,33 @@ def _removed_params(structure: Structure, plan: Plan) -> int:
 def add_bias_flags(structure: Structure, plan: Plan, flags: list[str]) -> None:
     """Turn on config `flags` (dsc.structure.BIAS_FLAGS): every linear each covers gets a bias after
     the cut, counted here so the plan's parameter counts stay what the saved model holds."""
-    covered = BIAS_FLAGS[structure.model_type]
     added = 0
     for layer in structure.layers:
-        i, a = layer.index, layer.attn
+        i = layer.index
         if i in plan.drop_layers:
             continue
         for flag in flags:
-            for attr in covered[flag]:
-                if attr in ("q", "k", "v", "o"):
-                    lin, units = getattr(a, attr), plan.keep_heads.get(i) if attr == "q" else plan.keep_kv.get(i)
-                    rows = lin.out_features if attr == "o" or units is None else len(units) * a.head_dim
-                elif layer.mlp is not None:
-                    lin = getattr(layer.mlp, attr)
-                    rows = lin.out_features if attr == "down" or i not in plan.keep_channels else len(plan.keep_channels[i])
-                else:
-                    continue
-                added += rows if lin is not None and lin.bias is None else 0
+            where, attrs = BIAS_FLAGS[structure.model_type][flag]
+            parent = getattr(layer, where)
+            for attr in attrs if parent is not None else ():
+                lin = getattr(parent, attr)
+                if lin is not None and lin.bias is None:
+                    added += _rows_after(layer, plan, attr, lin)
     plan.config.update({flag: True for flag in flags})
     plan.params_after += added
     plan.params_non_embedding_after += added
+
+
+def _rows_after(layer, plan: Plan, attr: str, lin: nn.Linear) -> int:
+    """Output rows `lin` (layer.attn.q/k/v/o or layer.mlp.gate/up/down) has after the cut."""
+    i, a = layer.index, layer.attn
+    if attr == "q" and i in plan.keep_heads:
+        return len(plan.keep_heads[i]) * a.head_dim
+    if attr in ("k", "v") and i in plan.keep_kv:
+        return len(plan.keep_kv[i]) * a.head_dim
+    if attr in ("gate", "up") and i in plan.keep_channels:
+        return len(plan.keep_channels[i])
+    return lin.out_features
 
 
 def _removed_heads(a, plan: Plan, i: int) -> int:

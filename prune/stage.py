@@ -91,27 +91,43 @@ def _reconstructs(cfg: PruneConfig, ctx, chosen: Plan) -> bool:
         return False
     if ctx.data.sources:
         return True
-    if "reconstruct" in cfg.model_fields_set:
-        raise FieldError("reconstruct", "the least-squares refit needs calibration data and this run has no data "
+    asked = [k for k in ("reconstruct", "reconstruct_depth", "reconstruct_bias") if k in cfg.model_fields_set]
+    if asked:
+        raise FieldError(asked[0], "the least-squares refit needs calibration data and this run has no data "
                          "sources: add one under `data:` or set `reconstruct: false`")
     chosen.notes.append("reconstruct skipped: the run has no data sources (add one under `data:` for the refit)")
     ctx.log.warning("prune: %s", chosen.notes[-1], extra={"event": "reconstruct_skipped"})
     return False
 
 
-def _bias(cfg: PruneConfig, structure, chosen: Plan) -> tuple[str, ...]:
-    """The refit projections that get an intercept, and the config flags that give them one."""
+def check_bias(cfg: PruneConfig, structure) -> None:
+    """Before any work: `reconstruct_bias` needs a config flag for the projections the cut refits."""
+    if not cfg.reconstruct_bias:
+        return
+    flags = BIAS_FLAGS.get(structure.model_type, {})
+    can = {"heads": "attention_bias" in flags, "channels": "mlp_bias" in flags}
+    asked = [k for k in can if getattr(cfg, k) or (cfg.ratio and k in cfg.kinds)]
+    if not any(can[k] for k in asked):
+        has = ", ".join(f"{t} ({', '.join(f)})" for t, f in BIAS_FLAGS.items())
+        raise FieldError("reconstruct_bias", f"{structure.model_type} has no config flag that gives the projection "
+                         f"refit after cutting {' or '.join(asked) or 'this'} a bias (o_proj for heads, down_proj for "
+                         f"channels), so the compensation would not reload; set reconstruct_bias: false "
+                         f"(known flags: {has})")
+
+
+def bias_targets(cfg: PruneConfig, structure, chosen: Plan) -> tuple[str, ...]:
+    """The refit projections that get an intercept; turns on the config flags that give them one."""
     if not cfg.reconstruct_bias:
         return ()
     flags = BIAS_FLAGS.get(structure.model_type, {})
     wanted = {"o_proj": ("attention_bias", bool(chosen.keep_heads)),
               "down_proj": ("mlp_bias", bool(chosen.keep_channels))}
-    if not any(flag in flags for flag, _ in wanted.values()):
-        raise FieldError("reconstruct_bias", f"{structure.model_type} has no config flag that gives o_proj or "
-                                             f"down_proj a bias, so a compensating bias would not reload; set "
-                                             f"reconstruct_bias: false (flags known for: {', '.join(BIAS_FLAGS)})")
-    add_bias_flags(structure, chosen, [flag for flag, cut in wanted.values() if flag in flags and cut])
-    return tuple(k for k, (flag, cut) in wanted.items() if flag in flags and cut)
+    refits = {k: flag for k, (flag, cut) in wanted.items() if cut and flag in flags}
+    if not refits:
+        raise FieldError("reconstruct_bias", f"the plan cuts no heads or dense-MLP channels whose refit "
+                         f"{structure.model_type} can give a bias: set reconstruct_bias: false")
+    add_bias_flags(structure, chosen, sorted(set(refits.values())))
+    return tuple(refits)
 
 
 def _planned(model, cfg: PruneConfig, ctx) -> Plan:
@@ -130,12 +146,12 @@ def _planned(model, cfg: PruneConfig, ctx) -> Plan:
 
 
 def apply(model, cfg: PruneConfig, ctx) -> StageOutput:
+    check_bias(cfg, describe(model))
     chosen = _planned(model, cfg, ctx)
     if _reconstructs(cfg, ctx, chosen):
         structure = describe(model)
         reconstruct(model, structure, chosen, _blocks(cfg, ctx), cfg.batch_size, cfg.reconstruct_damp, ctx.log,
-                    depth=cfg.reconstruct_depth, bias=_bias(cfg, structure, chosen),
-                    work_dir=ctx.work_dir)
+                    depth=cfg.reconstruct_depth, bias=bias_targets(cfg, structure, chosen), work_dir=ctx.work_dir)
     else:
         apply_plan(model, describe(model), chosen)
     if ctx.stage_dir is not None:

@@ -162,6 +162,9 @@ def test_reconstruct_default_needs_data_only_when_asked(tokenizer):
     with pytest.raises(FieldError, match="reconstruct"):
         apply_stage("prune", tiny("llama", len(tokenizer)),
                     PruneConfig(channels=0.5, importance="magnitude", reconstruct=True), ctx)
+    with pytest.raises(FieldError, match="reconstruct_bias"):  # an explicit option of the refit: refused too
+        apply_stage("prune", tiny("llama", len(tokenizer)),
+                    PruneConfig(channels=0.5, importance="magnitude", reconstruct_bias=True), ctx)
 
 
 def test_cross_refit_is_the_least_squares_optimum_with_and_without_intercept():
@@ -196,6 +199,24 @@ def test_cross_refit_is_the_least_squares_optimum_with_and_without_intercept():
         assert error(w, new, a, c, energy, total) == pytest.approx(direct, rel=1e-4)
 
 
+def test_subset_statistics_equal_the_paired_ones():
+    """Where the cut only removes columns (x = r[:, K]) the refit reads A and C off rᵀr alone: the
+    same statistics, centred or not, as pairing x with r."""
+    from dsc.prune.reconstruct import Paired
+
+    g = torch.Generator().manual_seed(4)
+    r = torch.randn(300, 16, generator=g, dtype=torch.float64) + 1.5
+    w = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    keep = [1, 2, 5, 8, 9, 13]
+    sub, pair = Paired(w, keep), Paired(w)
+    for part in r.split(100):
+        sub.add(None, part)
+        pair.add(part[:, keep], part)
+    for centred in (False, True):
+        for a, b in zip(sub.means(centred), pair.means(centred)):
+            torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-10, atol=1e-10)
+
+
 def test_latent_ranks_are_refit_and_reload(tokenizer, ctx, tmp_path):
     """MLA latent cut: q_b and kv_b read the narrower normalised latent; their refit (the cross
     statistics: the kept ranks change when the norm sees fewer channels) lowers their error."""
@@ -211,13 +232,12 @@ def test_latent_ranks_are_refit_and_reload(tokenizer, ctx, tmp_path):
 def test_depth_refit_reloads(family, tokenizer, ctx, tmp_path):
     """reconstruct_depth (a second stream, the unpruned model's: the layer after a removed one refits
     its q/k/v and gate/up to read what the unpruned layer read) keeps the save → reload guarantee."""
-    cfg = PruneConfig(heads=0.5, channels=0.25, layers=0.25, layer_importance="random", reconstruct_depth=True)
+    cfg = PruneConfig(heads=0.5, channels=0.25, layers=0.25, targets=[r"layers\.1$"], reconstruct_depth=True)
     out = apply_stage("prune", tiny(family, len(tokenizer)), cfg, ctx)
     assert_reloads(out, len(tokenizer), tmp_path)
-    dropped = out.metrics["plan"]["drop_layers"]
-    after = [i for i in range(4) if i not in dropped and i - 1 in dropped]
+    assert out.metrics["plan"]["drop_layers"] == [1]
     rec = out.metrics["plan"]["reconstruction"]
-    assert {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} <= set(rec) if after else True
+    assert set(rec) == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj"}
     for errors in rec.values():
         assert errors["error_refit"] <= errors["error_cut"] + 1e-9
 
@@ -241,8 +261,12 @@ def test_bias_compensation_refused_where_the_config_cannot_carry_it(tokenizer, c
 
     with pytest.raises(FieldError, match="reconstruct_bias"):
         apply_stage("prune", tiny("qwen2", len(tokenizer)), PruneConfig(channels=0.5, reconstruct_bias=True), ctx)
+    with pytest.raises(FieldError, match="reconstruct_bias"):  # Qwen3: attention only
+        apply_stage("prune", tiny("qwen3", len(tokenizer)), PruneConfig(channels=0.5, reconstruct_bias=True), ctx)
     with pytest.raises(ValueError, match="reconstruct_bias .*reconstruct: false"):
         PruneConfig(channels=0.5, reconstruct=False, reconstruct_bias=True)
+    with pytest.raises(ValueError, match="reconstruct_depth .*no layers"):
+        PruneConfig(channels=0.5, reconstruct_depth=True)
 
 
 def test_refit_killed_mid_model_resumes_after_the_last_layer(tokenizer, ctx, tmp_path, monkeypatch):
@@ -251,8 +275,8 @@ def test_refit_killed_mid_model_resumes_after_the_last_layer(tokenizer, ctx, tmp
     uninterrupted run does."""
     import dsc.prune.reconstruct as rec
 
-    cfg = PruneConfig(heads=0.5, channels=0.5, layers=0.25, layer_importance="random", reconstruct_depth=True)
-    reference = apply_stage("prune", tiny("llama", len(tokenizer)), cfg, ctx).model
+    cfg = PruneConfig(heads=0.5, channels=0.5, layers=0.25, targets=[r"layers\.1$"], reconstruct_depth=True)
+    reference = apply_stage("prune", tiny("llama", len(tokenizer)), cfg, ctx)
     ctx.work_dir = tmp_path / "work"
     real, calls = rec._mlp, []
 
@@ -268,11 +292,11 @@ def test_refit_killed_mid_model_resumes_after_the_last_layer(tokenizer, ctx, tmp
     assert (ctx.work_dir / "plan.pt").is_file()
     calls.clear()
     out = apply_stage("prune", tiny("llama", len(tokenizer)), cfg, ctx)
-    assert len(calls) == 1  # the last layer (one of the four is removed)
-    assert {"down_proj", "o_proj"} <= set(out.metrics["plan"]["reconstruction"])
+    assert len(calls) == 1  # the last layer (layer 1 is removed)
+    assert out.metrics["plan"] == reference.metrics["plan"]  # every layer's errors, restored or not
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(out.model(ids).logits, reference(ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(out.model(ids).logits, reference.model(ids).logits, atol=0, rtol=0)
 
 
 def _ppl_by(model_dir, cuts: dict[str, dict]) -> dict[str, float]:
@@ -302,3 +326,24 @@ def test_depth_refit_quality_floor(stories_dir):
     ppl = _ppl_by(stories_dir, {"plain": dict(layers=0.34, reconstruct=False),
                                 "depth": dict(layers=0.34, reconstruct_depth=True)})
     assert ppl["depth"] < 0.75 * ppl["plain"]
+
+
+def test_reconstruction_with_nothing_cut_is_the_identity(tokenizer):
+    """A plan that keeps every head and channel, refit without a ridge: the least-squares optimum is
+    the weight itself, so the model computes what it did."""
+    from dsc.prune.plan import Plan
+    from dsc.prune.reconstruct import reconstruct
+    from dsc.structure import describe
+
+    model = tiny("llama", len(tokenizer))
+    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    structure = describe(model)
+    everything = range(len(structure.layers))
+    plan = Plan([], {i: list(range(4)) for i in everything}, {i: list(range(2)) for i in everything},
+                {i: list(range(64)) for i in everything}, {}, {})
+    reconstruct(model, structure, plan, ids, batch_size=2, damp=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-4)
+    assert all(e["error_refit"] < 1e-8 for layer in plan.reconstructed.values() for e in layer.values())
