@@ -72,7 +72,8 @@ def error(weight: torch.Tensor, new: torch.Tensor, a: torch.Tensor, c: torch.Ten
     statistics: the error with the best intercept; `total`: the uncentred energy it is relative to)."""
     w, v = weight.double(), new.double()
     err = ((v @ a.double()) * v).sum() - 2 * ((v @ c.double()) * w).sum() + energy
-    return float(torch.as_tensor(err).clamp(min=0) / torch.as_tensor(energy if total is None else total).clamp(min=1e-30))
+    total = torch.as_tensor(energy if total is None else total)
+    return float(torch.as_tensor(err).clamp(min=0) / total.clamp(min=1e-30))
 
 
 def output_error(weight: torch.Tensor, gram: torch.Tensor, keep: list[int], new: torch.Tensor) -> float:
@@ -175,7 +176,8 @@ class Refit:
         against); `subset`: the cut only removes those columns, so while `exact` the statistics are
         read before the cut from the layer itself."""
         names = {k: name_of(self.layer.module, lin) for k, lin in lins.items()}
-        if subset and self.exact:
+        exact = subset and self.exact
+        if exact:
             full = {k: (lin.weight.data.clone(), None if lin.bias is None else lin.bias.data.clone())
                     for k, lin in lins.items()}
             stats = {names[k]: Paired(full[k][0], keep[k], precise=k in self.bias) for k in lins}
@@ -186,7 +188,7 @@ class Refit:
             full = {k: (self.ref.get_submodule(n).weight.data, self.ref.get_submodule(n).bias) for k, n in names.items()}
         if cut is not None:
             cut()
-        if not (subset and self.exact):
+        if not exact:
             stats = {names[k]: Paired(full[k][0], None, precise=k in self.bias) for k in lins}
             paired(self.layer.module, self.inputs, self.ref, self.ref_inputs, stats)
         for key, lin in lins.items():

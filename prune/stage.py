@@ -5,14 +5,13 @@
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from dsc.errors import FieldError
 from dsc.fingerprint import write_json
 from dsc.stages import StageOutput
 from dsc.structure import BIAS_FLAGS, describe
+from dsc.quantize.progress import atomic_save
 from dsc.prune.config import PruneConfig
 from dsc.prune.importance import compute, sequential_expert_scores
 from dsc.prune.cut import apply_plan
@@ -139,21 +138,19 @@ def _planned(model, cfg: PruneConfig, ctx) -> Plan:
     chosen = plan(model, cfg, ctx)
     if saved is not None:
         saved.parent.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_name(".tmp-plan.pt")
-        torch.save(chosen, tmp)
-        os.replace(tmp, saved)
+        atomic_save(chosen, saved)
     return chosen
 
 
 def apply(model, cfg: PruneConfig, ctx) -> StageOutput:
-    check_bias(cfg, describe(model))
+    structure = describe(model)  # of the unpruned model: planning leaves it as it is
+    check_bias(cfg, structure)
     chosen = _planned(model, cfg, ctx)
     if _reconstructs(cfg, ctx, chosen):
-        structure = describe(model)
         reconstruct(model, structure, chosen, _blocks(cfg, ctx), cfg.batch_size, cfg.reconstruct_damp, ctx.log,
                     depth=cfg.reconstruct_depth, bias=bias_targets(cfg, structure, chosen), work_dir=ctx.work_dir)
     else:
-        apply_plan(model, describe(model), chosen)
+        apply_plan(model, structure, chosen)
     if ctx.stage_dir is not None:
         write_json(ctx.stage_dir / "plan.json", chosen.to_dict())
     ctx.log.info("pruned: %d → %d non-embedding parameters (%.1f%% removed)", chosen.params_non_embedding_before,

@@ -4,8 +4,9 @@ The quantizers and prune's least-squares refit (dsc.prune.reconstruct) both keep
 
 After each layer: `layer-NNNN.pt` (the layer's state — quantized, norms with folded scales
 included, or pruned and refit — and what the stage records of it), then `inputs.pt` (the next
-layer's inputs), then `meta.json`, renamed into place last, which says how far the work got. The runner keys the work folder by
-the stage's fingerprint (recipe, model, data), so a changed run never reads it.
+layer's inputs), then `meta.json`, renamed into place last, which says how far the work got. The
+runner keys the work folder by the stage's fingerprint (recipe, model, data), so a changed run
+never reads it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 
-def _save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> None:
+    """torch.save through a temporary file renamed into place: a kill never leaves half a file."""
     tmp = path.with_name(f".tmp-{path.name}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -36,8 +38,9 @@ class Progress:
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        _save({"state": layer.state_dict(), "done": done, "searches": searches}, self.dir / f"layer-{index:04d}.pt")
-        _save(inputs, self.dir / "inputs.pt")
+        state = {"state": layer.state_dict(), "done": done, "searches": searches}
+        atomic_save(state, self.dir / f"layer-{index:04d}.pt")
+        atomic_save(inputs, self.dir / "inputs.pt")
         tmp = self.dir / ".tmp-meta.json"
         tmp.write_text(json.dumps({"layer": index}))
         os.replace(tmp, self.dir / "meta.json")
