@@ -28,7 +28,7 @@ from dsc.distill.stage import rebuilt, train_student
 from dsc.errors import FieldError
 from dsc.quantize import ct
 from dsc.quantize.grid import Grid, Quantized
-from dsc.quantize.stage import select, _grid, _untied
+from dsc.quantize.stage import check_untied, grid_for, select
 from dsc.stages import StageOutput
 
 
@@ -105,8 +105,8 @@ def apply(model, cfg, ctx) -> StageOutput:
         raise FieldError("ignore", f"qat trains nn.Linear weights; fused MoE experts ({experts[0]}, …) are not "
                                    "supported yet: add \"re:.*mlp\\\\.experts\" to ignore (or quantize them with awq "
                                    "afterwards)")
-    _untied(model, names)
-    grid = _grid(cfg, model, names)
+    check_untied(model, names)
+    grid = grid_for(cfg, model, names)
     if cfg.init == "awq":
         _awq_start(model, cfg, ctx)
     start, source = _start(model, names, grid, inherit=cfg.init != "rtn")

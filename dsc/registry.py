@@ -45,6 +45,12 @@ STAGES: dict[str, Stage] = {
     "awq": Stage(quantize.AWQConfig, quantize.apply_awq, True,
                  "AWQ 4-bit (3/8) weight quantization: activation-aware scales and clipping, layer by layer",
                  gives="grid"),
+    "gptq": Stage(quantize.GPTQConfig, quantize.apply_gptq, True,
+                  "GPTQ 4-bit (3/8) weight quantization: error feedback through the calibration Hessian; "
+                  "awq_scales: AWQ + GPTQ", gives="grid"),
+    "fp": Stage(quantize.FloatConfig, quantize.apply_float, True,
+                "floating-point weights and activations: FP8 (per channel, 128×128 blocks), NVFP4, MXFP4",
+                gives="grid"),
     "int8": Stage(quantize.Int8Config, quantize.apply_int8, True,
                   "INT8: weight-only per channel, or W8A8 with SmoothQuant and dynamic per-token activations",
                   gives="int8"),

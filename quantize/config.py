@@ -1,4 +1,4 @@
-"""Schemas of the quantization stages: `rtn`, `awq` and `int8`."""
+"""Schemas of the quantization stages: `rtn`, `awq`, `gptq`, `int8` and `fp` (FP8, NVFP4, MXFP4)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -72,18 +72,79 @@ class RTNConfig(GridConfig):
     """Round-to-nearest on the grid: the baseline every quantizer is measured against."""
 
 
-class AWQConfig(GridConfig, CalibrationConfig):
-    """Activation-aware weight quantization: per-channel scales and clipping searched on calibration data."""
+class AWQSearch(Config):
+    """The knobs of AWQ's per-channel scale search."""
 
     duo_scaling: bool = Field(True, description="scale candidates x̄^r / w̄^(1−r) (false: x̄^r, the paper's)")
     n_grid: int = Field(20, ge=2, description="points of the scale-exponent and clipping searches")
-    clip: bool = Field(True, description="search a clipping ratio per (row, group); q/k are never clipped")
     loss: Literal["module", "linear"] = Field(
         "module", description="what the scale search scores for norm-fed groups (q/k/v, gate/up): module: the "
                               "attention block's / MLP's output on `loss_samples` blocks (AutoAWQ's objective); "
                               "linear: the group's own outputs on every calibration token (faster). A single "
                               "linear (o, down) is always scored exactly on every token")
     loss_samples: int = Field(8, gt=0, description="calibration blocks the module loss replays")
+
+
+class AWQConfig(GridConfig, CalibrationConfig, AWQSearch):
+    """Activation-aware weight quantization: per-channel scales and clipping searched on calibration data."""
+
+    clip: bool = Field(True, description="search a clipping ratio per (row, group); q/k are never clipped")
+
+
+class GPTQKnobs(Config):
+    dampening: float = Field(0.01, gt=0, le=1, description="λ added to the Hessian's diagonal, as a fraction of "
+                                                           "its mean")
+    block_size: int = Field(128, gt=0, description="columns per lazy batch update")
+    act_order: bool = Field(True, description="round columns by decreasing Hessian diagonal, with static groups "
+                                              "(scales from the original weights), so the saved format stays the "
+                                              "standard one (llm-compressor's actorder: static)")
+
+
+class GPTQConfig(GridConfig, CalibrationConfig, AWQSearch, GPTQKnobs):
+    """GPTQ: each weight column rounded in turn, its error spread onto the columns not yet rounded
+    through the inverse Hessian of the layer's output error (the calibration Gram matrix)."""
+
+    awq_scales: bool = Field(False, description="search and fold AWQ's per-channel scales first (AWQ + GPTQ; "
+                                                "the search knobs are AWQ's: duo_scaling, n_grid, loss)")
+    clip: bool = Field(False, description="take each (row, group)'s scale from AWQ's clipping search (q/k "
+                                          "excepted) instead of its range")
+
+
+class FloatConfig(TargetsConfig, CalibrationConfig, GPTQKnobs):
+    """Floating-point weights (and activations): FP8 E4M3, NVFP4, MXFP4, saved as compressed-tensors
+    float-quantized / nvfp4-pack-quantized / mxfp4-pack-quantized (llm-compressor's FP8_DYNAMIC,
+    FP8_BLOCK, NVFP4, MXFP4 schemes)."""
+
+    scheme: Literal["fp8", "fp8-block", "nvfp4", "mxfp4"] = Field(
+        "fp8", description="fp8: E4M3 weights, one scale per output channel; fp8-block: 128×128 weight blocks "
+                           "(DeepSeek-V3's format); nvfp4: E2M1 in groups of 16 with E4M3 scales and a global "
+                           "scale; mxfp4: E2M1 in groups of 32 with power-of-two scales")
+    activations: Literal["dynamic", "static", "none"] | None = Field(
+        None, description="inputs quantized at run time (default: static for nvfp4, else dynamic): dynamic: fp8 per token (per 128-group with "
+                               "fp8-block), mxfp4 per 32; static: one scale per tensor from calibration (fp8), "
+                               "nvfp4's global input scale (it needs one); none: weight-only")
+    gptq: bool = Field(False, description="round with GPTQ on calibration data (else to nearest)")
+
+    @model_validator(mode="after")
+    def _scheme(self):
+        allowed = {"fp8": ("dynamic", "static", "none"), "fp8-block": ("dynamic", "none"),
+                   "nvfp4": ("static", "none"), "mxfp4": ("dynamic", "none")}[self.scheme]
+        if self.act_mode not in allowed:
+            raise ValueError(f"activations: {self.activations} is not a {self.scheme} scheme; use one of {allowed}")
+        if self.format != "auto":
+            raise ValueError(f"format: {self.format} is an integer format; {self.scheme} is saved in its own "
+                             "(leave format out)")
+        if self.scale_dtype != "weight":
+            raise ValueError("scale_dtype applies to integer grids; leave it out")
+        return self
+
+    @property
+    def act_mode(self) -> str:
+        return self.activations or ("static" if self.scheme == "nvfp4" else "dynamic")
+
+    @property
+    def needs_data(self) -> bool:
+        return self.gptq or self.act_mode == "static"
 
 
 class Int8Config(TargetsConfig, CalibrationConfig):

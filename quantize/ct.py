@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -36,16 +37,72 @@ from torch import nn
 
 from dsc import hf
 from dsc.quantize.experts import ATTR, QuantizedExperts, is_fused
+from dsc.quantize.fp import FloatGrid
 from dsc.quantize.grid import Grid, Quantized
 
 EXPERTS_TARGET = "re:.*\\.experts\\.\\d+\\..*"  # the per-expert linears of the checkpoint (no module in memory)
 
 
-def _args(grid: Grid):
+PRESETS = {"fp8": "FP8_DYNAMIC", "fp8-block": "FP8_BLOCK", "nvfp4": "NVFP4", "mxfp4": "MXFP4"}
+
+
+@lru_cache(maxsize=None)
+def _preset(name: str):
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    return preset_name_to_scheme(PRESETS[name], ["Linear"])
+
+
+def _args(grid: Grid | FloatGrid):
     from compressed_tensors.quantization import QuantizationArgs
 
+    if isinstance(grid, FloatGrid):
+        return _preset(grid.name).weights
     return QuantizationArgs(num_bits=grid.bits, type="int", symmetric=grid.symmetric,
                             strategy="channel" if grid.group_size is None else "group", group_size=grid.group_size)
+
+
+def global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4's per-tensor scale for a tensor whose largest |value| is `amax` (generate_gparam)."""
+    from compressed_tensors.quantization.utils.helpers import generate_gparam
+
+    return generate_gparam(-amax.reshape(1), amax.reshape(1)).float()
+
+
+def float_scale(amax: torch.Tensor, grid: FloatGrid, global_scale: torch.Tensor | None) -> torch.Tensor:
+    """The scale compressed-tensors takes for groups whose largest |value| is `amax` — before NVFP4's
+    division by the global scale (rounded to E4M3 there; a power of two for MXFP4)."""
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    scale, _ = calculate_qparams(-amax, amax, _args(grid), global_scale=global_scale)
+    return scale.float()
+
+
+def round_float(x: torch.Tensor, grid: FloatGrid) -> torch.Tensor:
+    """`x` (already divided by its scale) clamped and rounded to the grid's element type, as float32."""
+    from compressed_tensors.quantization.quant_args import round_to_quantized_type_args
+    from compressed_tensors.quantization.utils.helpers import calculate_range
+
+    lo, hi = calculate_range(_args(grid), x.device)
+    return round_to_quantized_type_args(x, _args(grid), lo, hi).float()
+
+
+FLOAT_FORMATS = {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+
+
+def _input_args(grid: Grid | FloatGrid, mode: str | None):
+    """Input-activation args: None (weight-only); "dynamic": int8 per token (W8A8), FP8 per token
+    (per 128-group with 128×128 weight blocks), MXFP4 per 32; "static": one scale per tensor from
+    calibration (FP8), NVFP4's global input scale (its groups of 16 are scaled at run time)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if mode is None:
+        return None
+    if not isinstance(grid, FloatGrid):
+        return _token_int8()
+    if mode == "static" and grid.kind == "fp8":
+        return QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True, dynamic=False)
+    return _preset(grid.name).input_activations
 
 
 def _token_int8():
@@ -54,10 +111,21 @@ def _token_int8():
     return QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
 
 
-def attach(model: nn.Module, done: dict[str, Quantized | QuantizedExperts], activations: bool, fmt: str) -> None:
+def _format(grid: Grid | FloatGrid, activations: str | None, fmt: str) -> str:
+    if isinstance(grid, FloatGrid):
+        return FLOAT_FORMATS[grid.kind]
+    if fmt == "auto":  # asymmetric packed zero points do not load in transformers (llm-compressor #1618)
+        return "int-quantized" if activations or not grid.symmetric else "pack-quantized"
+    return fmt
+
+
+def attach(model: nn.Module, done: dict[str, Quantized | QuantizedExperts], activations: str | bool | None = None,
+           fmt: str = "auto", modes: dict | None = None) -> None:
     """Mark the linears in `done` (full module name → its grid and parameters) as quantized,
-    in place, and record the fused experts' grids on them. `activations`: quantize the linears'
-    inputs to int8 per token at run time (W8A8)."""
+    in place, and record the fused experts' grids on them. `activations`: how the linears' inputs
+    are quantized at run time (None: weight-only; "dynamic"; "static": scales in `Quantized.input_scale`);
+    `modes`: grid → that, per grid. One config group per grid: `["Linear"]` when there is one,
+    the linears' names when several (a non-uniform recipe)."""
     from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, QuantizationStatus,
                                                  apply_quantization_config)
 
@@ -65,20 +133,38 @@ def attach(model: nn.Module, done: dict[str, Quantized | QuantizedExperts], acti
         if isinstance(q, QuantizedExperts):
             setattr(model.get_submodule(name), ATTR, q)
     done = {n: q for n, q in done.items() if isinstance(q, Quantized)}
-    first = next(iter(done.values()))
-    if fmt == "auto":  # asymmetric packed zero points do not load in transformers (llm-compressor #1618)
-        fmt = "int-quantized" if activations or not first.grid.symmetric else "pack-quantized"
-    scheme = QuantizationScheme(targets=["Linear"], weights=_args(first.grid),
-                                input_activations=_token_int8() if activations else None, format=fmt)
+    activations = "dynamic" if activations is True else (activations or None)
+    grids = list(dict.fromkeys(q.grid for q in done.values()))
+    groups = {}
+    for i, grid in enumerate(grids):
+        mode = (modes or {}).get(grid, activations)
+        names = [n for n, q in done.items() if q.grid == grid]
+        groups[f"group_{i}"] = QuantizationScheme(
+            targets=["Linear"] if len(grids) == 1 else names, weights=_args(grid),
+            input_activations=_input_args(grid, mode), format=_format(grid, mode, fmt))
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in done]
-    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, quantization_status="frozen")
+    config = QuantizationConfig(config_groups=groups, ignore=ignore, quantization_status="frozen")
     apply_quantization_config(model, config, show_progress=False)
     for name, q in done.items():
-        module = model.get_submodule(name)
-        module.weight_scale.data.copy_(q.scale.reshape(module.weight_scale.shape))
-        if hasattr(module, "weight_zero_point"):
-            module.weight_zero_point.data.copy_(q.zero.reshape(module.weight_zero_point.shape))
-        module.quantization_status = QuantizationStatus.DECOMPRESSED
+        _set_params(model.get_submodule(name), q)
+        model.get_submodule(name).quantization_status = QuantizationStatus.DECOMPRESSED
+
+
+def _set_params(module: nn.Module, q: Quantized) -> None:
+    """Copy what dsc computed into the parameters compressed-tensors made: effective scales become
+    the stored ones (NVFP4: × the global scale, an E4M3 value; blocks: one row per 128)."""
+    scale = q.scale
+    if q.global_scale is not None:
+        scale = (scale * q.global_scale).to(torch.float8_e4m3fn).float()
+        module.weight_global_scale.data.copy_(q.global_scale.reshape(module.weight_global_scale.shape))
+    if getattr(q.grid, "block", None):
+        scale = scale[:: q.grid.block[0]]
+    module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+    if hasattr(module, "weight_zero_point") and not isinstance(q.grid, FloatGrid):
+        module.weight_zero_point.data.copy_(q.zero.reshape(module.weight_zero_point.shape))
+    for attr in ("input_scale", "input_global_scale"):
+        if hasattr(module, attr) and q.input_scale is not None:
+            getattr(module, attr).data.copy_(q.input_scale.reshape(getattr(module, attr).shape))
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -148,7 +234,7 @@ def linear_grid(module: nn.Module) -> Quantized | None:
     float32, read off the compressed-tensors attributes; None for a float linear."""
     scheme = getattr(module, "quantization_scheme", None)
     args = scheme.weights if scheme is not None else None
-    if args is None:
+    if args is None or args.type != "int":  # floating-point grids (FP8, NVFP4, MXFP4): no integer codes
         return None
     grid = Grid(args.num_bits, args.group_size if args.strategy == "group" else None, bool(args.symmetric))
     scale = module.weight_scale.detach().float().cpu().reshape(module.weight.shape[0], -1)
@@ -165,22 +251,40 @@ def qparam_names(model: nn.Module) -> set[str]:
 
 
 def _weights(args) -> str:
+    if args.type != "int":
+        name = {8: "fp8 e4m3", 4: "fp4 e2m1"}.get(args.num_bits, f"float{args.num_bits}")
+        return f"{name} {args.strategy}" + (f" {args.block_structure[0]}x{args.block_structure[1]}"
+                                            if args.block_structure else f" g{args.group_size}" if args.group_size
+                                            else "")
     return (f"int{args.num_bits} {args.strategy}" + (f" g{args.group_size}" if args.group_size else "")
             + ("" if args.symmetric else " asym"))
 
 
+def _acts(a) -> str | None:
+    if a is None:
+        return None
+    kind = f"int{a.num_bits}" if a.type == "int" else {8: "fp8", 4: "fp4"}.get(a.num_bits, f"float{a.num_bits}")
+    return f"{kind} {a.strategy}" + ("" if a.dynamic in (True, "local") else " static")
+
+
 def describe(model: nn.Module) -> dict | None:
-    """The scheme of a quantized model as plain data (for reports), or None."""
-    found = None
+    """The scheme of a quantized model as plain data (for reports), or None; a non-uniform model
+    lists each scheme with the number of linears on it under `groups`."""
+    schemes: dict[tuple, dict] = {}
     for m in model.modules():
         scheme = getattr(m, "quantization_scheme", None)
-        if scheme is not None:
-            a = scheme.input_activations
-            found = {"weights": _weights(scheme.weights), "activations": f"int{a.num_bits} {a.strategy}" if a else None,
-                     "format": scheme.format}
-            break
+        if scheme is not None and scheme.weights is not None:
+            one = {"weights": _weights(scheme.weights), "activations": _acts(scheme.input_activations),
+                   "format": scheme.format}
+            schemes.setdefault(tuple(one.values()), {**one, "linears": 0})["linears"] += 1
+    if not schemes:
+        return None
+    groups = list(schemes.values())
+    found = {k: v for k, v in groups[0].items() if k != "linears"}
+    if len(groups) > 1:
+        found["groups"] = groups
     experts = [(n, q) for n, (_, q) in _experts(model).items() if q is not None]
-    if found is not None and experts:
+    if experts:
         name, q = experts[0]
         stored = ("pack-quantized, one linear per expert" if packed(model, name, q) else
                   "floats on the grid, fused (no smaller on disk: transformers cannot load per-expert zero points)")

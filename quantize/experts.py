@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsc.quantize.grid import Grid, Quantized, to_grid
-from dsc.quantize.search import awq_scale, clip_blocks
+from dsc.quantize.grid import Grid, Quantized
+from dsc.quantize.rounding import Rounding
+from dsc.quantize.search import awq_scale
 
 ATTR = "dsc_quantized_experts"  # the record on a quantized experts module, as compressed-tensors marks linears
 
@@ -172,20 +173,22 @@ def fold_down(experts: nn.Module, e: int, s: torch.Tensor, stats: ExpertStats | 
 
 
 @torch.no_grad()
-def quantize_experts(experts: nn.Module, grid: Grid, stats: ExpertStats | None = None, clip: bool = False,
-                     n_grid: int = 20) -> QuantizedExperts:
-    """Put every expert's gate_up and down on the grid in place; with `stats`, each (row, group)
-    range is clipped as the clipping search finds best on the expert's own tokens, and experts
-    that received none are rounded to nearest."""
+def quantize_experts(experts: nn.Module, grid: Grid, stats: ExpertStats | None = None,
+                     rounding: Rounding = Rounding()) -> QuantizedExperts:
+    """Put every expert's gate_up and down on the grid in place, each with `rounding` on the
+    statistics of its own tokens (the clipping search or GPTQ on its Gram blocks); experts that no
+    calibration token reached are rounded to nearest."""
     parts = []
     for param, side in ((experts.gate_up_proj, stats and stats.x), (experts.down_proj, stats and stats.h)):
-        scales, zeros = [], []
+        scales, zeros, outer = [], [], []
         for e in range(param.shape[0]):
             n = 0 if stats is None else int(stats.counts[e])
-            ratio = clip_blocks(param[e], side.blocks[e] / n, grid, n_grid) if clip and n else 1.0
-            q = to_grid(param.data[e], grid, ratio)
+            blocks = side.blocks[e] / n if n and side.blocks is not None else None
+            q = rounding.expert(param.data[e], blocks, grid)
             scales.append(q.scale)
             zeros.append(q.zero)
-        parts.append(Quantized(grid, torch.stack(scales), torch.stack(zeros)))
+            outer.append(q.global_scale)
+        parts.append(Quantized(grid, torch.stack(scales), torch.stack(zeros),
+                               None if outer[0] is None else torch.stack(outer)))
     no_tokens = () if stats is None else tuple(int(e) for e in (stats.counts == 0).nonzero().flatten())
     return QuantizedExperts(grid, parts[0], parts[1], no_tokens)

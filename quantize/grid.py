@@ -95,14 +95,20 @@ class Grid:
 class Quantized:
     """What one weight became: its grid and per-(row, group) scale and zero point (out, G)."""
 
-    grid: Grid
-    scale: torch.Tensor
+    grid: Grid  # or a dsc.quantize.fp.FloatGrid
+    scale: torch.Tensor  # effective: what a code is multiplied by
     zero: torch.Tensor
+    global_scale: torch.Tensor | None = None  # NVFP4's per-tensor scale (scale = its E4M3 scale / this)
+    input_scale: torch.Tensor | None = None  # static activations: FP8's input scale, NVFP4's global input scale
 
 
 @torch.no_grad()
 def grid_params(weight: torch.Tensor, grid: Grid, clip: torch.Tensor | float = 1.0) -> Quantized:
-    """The grid `to_grid` would put `weight` on, without changing it (scale rounded to its dtype)."""
+    """The grid `to_grid` would put `weight` on, without changing it (scale rounded to its dtype,
+    except NVFP4's, whose E4M3 scale over the global one is exact in float32 only)."""
+    outer = grid.global_scale(weight) if hasattr(grid, "global_scale") else None
+    if outer is not None:
+        return Quantized(grid, *grid.params(weight, clip, outer), outer)
     scale, zero = grid.params(weight, clip)
     return Quantized(grid, scale.to(weight.dtype).clamp(min=torch.finfo(weight.dtype).tiny).float(), zero)
 

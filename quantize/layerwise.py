@@ -18,31 +18,34 @@ A norm is used only when exactly the expected modules read its output.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from dsc.quantize.calibrate import InputStats, Observed, hidden, observe
 from dsc.quantize.experts import ExpertStats, QuantizedExperts, quantize_experts, routed_loss, scale_down, scale_inputs
-from dsc.quantize.grid import Grid, Quantized, grid_params, to_grid  # noqa: F401  (Quantized: progress files name it)
-from dsc.quantize.search import awq_scale, clip_ratios, gram_loss, smooth_scale
+from dsc.quantize.grid import Grid, Quantized  # noqa: F401  (Quantized: progress files name it)
+from dsc.quantize.rounding import Rounding
+from dsc.quantize.search import awq_scale, gram_loss, smooth_scale
 from dsc.structure import Layer
 
 
 @dataclass
 class Plan:
-    """How a layer is quantized: `awq` or `smooth` scaling (or none), clipping, the grid."""
+    """How a layer is quantized: `awq` or `smooth` scaling (or none), then a rounding (round to
+    nearest, AWQ's clipping search, GPTQ) onto the grid."""
 
     grid: Grid
     scaling: str | None = None  # "awq" | "smooth" | None
     alpha: float = 0.5  # SmoothQuant migration strength
     n_grid: int = 20
     duo: bool = True
-    clip: bool = False
+    rounding: Rounding = Rounding()  # how weights go on the grid once scales are folded (dsc.quantize.rounding)
     module_loss: bool = False  # score norm-fed groups on their module's output (else: their own outputs)
     loss_batches: int = 1  # calibration batches that module loss replays
     round: bool = True  # False: scales and clipping searched and folded, weights left in float (a QAT start)
+    static_inputs: bool = False  # record each linear's static input scale (FP8 static, NVFP4 activations)
 
 
 @dataclass
@@ -270,11 +273,11 @@ def _observe(layer: Layer, inputs, linears, targets: set[str], plan: Plan) -> tu
     names = _names(layer)
     experts = names[id(layer.moe.experts)] if layer.moe is not None else None
     stats = None
-    if experts in targets and plan.scaling == "awq":
+    if experts in targets and (plan.scaling == "awq" or plan.rounding.needs_gram):
         stats = ExpertStats.empty(layer.moe.experts, plan.grid)
     watch = (experts.rpartition(".")[0],) if experts else ()
     seen = observe(layer.module, inputs, linears, plan.loss_batches if plan.module_loss else 0,
-                   gram=plan.scaling == "awq" or plan.clip, watch=watch,
+                   gram=plan.scaling == "awq" or plan.rounding.needs_gram, watch=watch,
                    experts=None if stats is None else {experts: stats})
     return seen, stats
 
@@ -316,15 +319,19 @@ def quantize_layer(layer: Layer, inputs, targets: set[str], plan: Plan
     no_clip = _score_linears(layer)
     done = {}
     for group in groups:
-        for name in group.linears:
-            if name not in targets:
-                continue
-            w = linears[name].weight
-            ratio = 1.0
-            if plan.clip and linears[name] not in no_clip:
-                ratio = clip_ratios(w, group.stats.gram_mean, plan.grid, plan.n_grid)
-            done[name] = to_grid(w, plan.grid, ratio) if plan.round else grid_params(w, plan.grid, ratio)
+        names = [n for n in group.linears if n in targets]
+        if not names:
+            continue
+        gram = group.stats.gram_mean if group.stats.gram is not None else None
+        got, metrics = plan.rounding.linears([linears[n].weight for n in names], gram, plan.grid,
+                                             [linears[n] not in no_clip for n in names], plan.round)
+        if plan.static_inputs:
+            scale = plan.grid.input_scale(group.stats.abs_max.max())
+            got = [replace(q, input_scale=scale) for q in got]
+        done.update(zip(names, got))
+        if metrics:
+            searches.append({"linears": names, "rounding": plan.rounding.method, **metrics})
     experts = _names(layer)[id(layer.moe.experts)] if layer.moe is not None else None
     if experts in targets:
-        done[experts] = quantize_experts(layer.moe.experts, plan.grid, stats, plan.clip, plan.n_grid)
+        done[experts] = quantize_experts(layer.moe.experts, plan.grid, stats, plan.rounding)
     return done, searches, seen.outputs

@@ -1,6 +1,10 @@
-"""`rtn`, `awq`, `int8`: quantize the linears of a model in place and mark them for saving.
+"""`rtn`, `awq`, `gptq`, `int8`, `fp`: quantize the linears of a model in place and mark them for saving.
 
-    dsc.quantize.apply_awq(model, AWQConfig(group_size=64), ctx)      # or apply_rtn / apply_int8
+    dsc.quantize.apply_awq(model, AWQConfig(group_size=64), ctx)      # or apply_rtn / apply_gptq / ...
+
+Every calibrated stage is the same loop (`_layerwise`) with a different `Plan`: which scales are
+folded first (AWQ, SmoothQuant or none) and how weights are then rounded (dsc.quantize.rounding:
+round to nearest, AWQ's clipping search, GPTQ) onto an integer or floating-point grid.
 
 Calibrated stages run one decoder layer at a time (dsc.quantize.calibrate): peak memory is the
 model plus one layer's inputs for the calibration set. Fused MoE experts count as linears (one
@@ -18,12 +22,15 @@ from torch import nn
 from dsc.errors import FieldError
 from dsc.quantize import ct
 from dsc.quantize.calibrate import capture, forward, placed
-from dsc.quantize.config import AWQConfig, GridConfig, Int8Config, RTNConfig, TargetsConfig
+from dsc.quantize.config import (AWQConfig, FloatConfig, GPTQConfig, GPTQKnobs, GridConfig, Int8Config, RTNConfig,
+                                 TargetsConfig)
+from dsc.quantize.fp import FloatGrid
 from dsc.quantize.grid import Grid
 from dsc.quantize.experts import QuantizedExperts, is_fused, quantize_experts
 from dsc.quantize.grid import to_grid
 from dsc.quantize.layerwise import Plan, quantize_layer
 from dsc.quantize.progress import Progress
+from dsc.quantize.rounding import Rounding
 from dsc.stages import StageOutput
 from dsc.structure import describe
 
@@ -60,8 +67,13 @@ def scale_dtype(cfg) -> str | None:
     return None if cfg.scale_dtype == "weight" else cfg.scale_dtype
 
 
-def _grid(cfg: GridConfig, model: nn.Module, names: list[str], experts: list[str] = ()) -> Grid:
-    grid = Grid(cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype(cfg))
+def grid_for(cfg: GridConfig | FloatConfig, model: nn.Module, names: list[str], experts: list[str] = ()
+             ) -> Grid | FloatGrid:
+    """The stage's grid, checked against every target's width before any work is done."""
+    if isinstance(cfg, FloatConfig):
+        grid = FloatGrid.named(cfg.scheme)
+    else:
+        grid = Grid(cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype(cfg))
     for name in names:  # every width is checked before any work is done
         grid.group(model.get_submodule(name).in_features, name)
     for name in experts:
@@ -70,7 +82,9 @@ def _grid(cfg: GridConfig, model: nn.Module, names: list[str], experts: list[str
     return grid
 
 
-def _untied(model: nn.Module, names: list[str]) -> None:
+def check_untied(model: nn.Module, names: list[str]) -> None:
+    """A target sharing its weight with the input embedding (tied LM head) is refused: quantizing
+    it would quantize the embedding too."""
     embedding = model.get_input_embeddings().weight
     for name in names:
         if model.get_submodule(name).weight is embedding:
@@ -118,6 +132,9 @@ def _layerwise(model, cfg, ctx, names: list[str], plan: Plan) -> tuple[dict, lis
         done.update({prefix + n: q for n, q in got.items()})
         searches += [{"layer": layer.index, **s} for s in found]
     rest = [n for n in names if n not in done]  # outside the decoder layers (an untied LM head)
+    if rest and plan.static_inputs:
+        raise FieldError("ignore", f"{rest} lie outside the decoder layers, where calibration records no input "
+                                   "scale: add them to `ignore`")
     done.update(_rtn(model, rest, plan.grid))
     return done, searches
 
@@ -132,7 +149,7 @@ def _capture(model, layers, cfg, ctx, device):
         _outside_layers(model, layers, home)
 
 
-def _finish(model, done: dict, cfg: TargetsConfig, activations: bool, extra: dict) -> StageOutput:
+def _finish(model, done: dict, cfg: TargetsConfig, activations: str | bool | None, extra: dict) -> StageOutput:
     ct.attach(model, done, activations, cfg.format)
     experts = {n: q for n, q in done.items() if isinstance(q, QuantizedExperts)}
     metrics = {"quantized_linears": len(done) - len(experts), "scheme": ct.describe(model)}
@@ -149,25 +166,75 @@ def _fallback(done: dict) -> dict:
 
 def apply_rtn(model, cfg: RTNConfig, ctx) -> StageOutput:
     names, experts = select(model, cfg)
-    _untied(model, names)
-    return _finish(model, _rtn(model, names, _grid(cfg, model, names, experts), experts), cfg, False, {})
+    check_untied(model, names)
+    return _finish(model, _rtn(model, names, grid_for(cfg, model, names, experts), experts), cfg, False, {})
 
 
 def apply_awq(model, cfg: AWQConfig, ctx, round_weights: bool = True) -> StageOutput:
     """AWQ; `round_weights=False` searches and folds the scales and clipping but leaves the weights
     in float, with their grids attached: the start of quantization-aware training."""
     names, experts = select(model, cfg)
-    _untied(model, names)
-    plan = Plan(_grid(cfg, model, names, experts), "awq", n_grid=cfg.n_grid, duo=cfg.duo_scaling, clip=cfg.clip,
+    check_untied(model, names)
+    plan = Plan(grid_for(cfg, model, names, experts), "awq", n_grid=cfg.n_grid, duo=cfg.duo_scaling,
+                rounding=Rounding("clip" if cfg.clip else "rtn", n_grid=cfg.n_grid),
                 module_loss=cfg.loss == "module", loss_batches=max(1, -(-cfg.loss_samples // cfg.batch_size)),
                 round=round_weights)
     t0 = time.perf_counter()
     done, searches = _layerwise(model, cfg, ctx, names + experts, plan)
-    gains = [s["loss"] / s["loss_rtn"] for s in searches if s["loss_rtn"] > 0]
-    return _finish(model, done, cfg, False, {
-        "seconds": round(time.perf_counter() - t0, 2), "scaled_groups": sum(s["ratio"] is not None for s in searches),
-        "searched_groups": len(searches), "mean_loss_vs_rtn": round(sum(gains) / max(len(gains), 1), 4),
-        **_fallback(done)})
+    return _finish(model, done, cfg, False, {"seconds": round(time.perf_counter() - t0, 2), **_summary(searches),
+                                             **_fallback(done)})
+
+
+def _summary(searches: list[dict]) -> dict:
+    """Stage metrics from the per-layer records: AWQ's scale searches (loss against plain rounding)
+    and the roundings' output errors on the calibration tokens (against round-to-nearest)."""
+    scaled = [s for s in searches if "ratio" in s]
+    rounded = [s for s in searches if "error" in s]
+    out = {}
+    if scaled:
+        gains = [s["loss"] / s["loss_rtn"] for s in scaled if s["loss_rtn"] > 0]
+        out.update(scaled_groups=sum(s["ratio"] is not None for s in scaled), searched_groups=len(scaled),
+                   mean_loss_vs_rtn=round(sum(gains) / max(len(gains), 1), 4))
+    if rounded:
+        gains = [s["error"] / s["error_rtn"] for s in rounded if s["error_rtn"] > 0]
+        out["mean_error_vs_rtn"] = round(sum(gains) / max(len(gains), 1), 4)
+    return out
+
+
+def apply_gptq(model, cfg: GPTQConfig, ctx) -> StageOutput:
+    """GPTQ (with `awq_scales`: AWQ's scales searched and folded first, then GPTQ)."""
+    names, experts = select(model, cfg)
+    check_untied(model, names)
+    plan = Plan(grid_for(cfg, model, names, experts), "awq" if cfg.awq_scales else None, n_grid=cfg.n_grid,
+                duo=cfg.duo_scaling, module_loss=cfg.loss == "module",
+                loss_batches=max(1, -(-cfg.loss_samples // cfg.batch_size)), rounding=_gptq(cfg, cfg.clip))
+    t0 = time.perf_counter()
+    done, searches = _layerwise(model, cfg, ctx, names + experts, plan)
+    return _finish(model, done, cfg, False, {"seconds": round(time.perf_counter() - t0, 2), **_summary(searches),
+                                             **_fallback(done)})
+
+
+def _gptq(cfg: GPTQKnobs, clip: bool = False) -> Rounding:
+    return Rounding("gptq", n_grid=getattr(cfg, "n_grid", 20), clip=clip, damp=cfg.dampening,
+                    block_size=cfg.block_size, act_order=cfg.act_order)
+
+
+def apply_float(model, cfg: FloatConfig, ctx) -> StageOutput:
+    """FP8 (per channel or 128×128 blocks), NVFP4, MXFP4 weights, activations dynamic or static."""
+    names, experts = select(model, cfg)
+    check_untied(model, names)
+    grid = grid_for(cfg, model, names, experts)
+    mode = None if cfg.act_mode == "none" else cfg.act_mode
+    t0 = time.perf_counter()
+    if cfg.needs_data:
+        plan = Plan(grid, None, rounding=_gptq(cfg) if cfg.gptq else Rounding("rtn"), static_inputs=mode == "static")
+        done, searches = _layerwise(model, cfg, ctx, names + experts, plan)
+    else:
+        done, searches = _rtn(model, names, grid, experts), []
+    extra = {"seconds": round(time.perf_counter() - t0, 2), **_summary(searches), **_fallback(done)}
+    if experts and mode:
+        extra["experts_activations"] = "weight-only: the fused experts' forward has no place to quantize their inputs"
+    return _finish(model, done, cfg, mode, extra)
 
 
 def apply_int8(model, cfg: Int8Config, ctx) -> StageOutput:
@@ -176,7 +243,7 @@ def apply_int8(model, cfg: Int8Config, ctx) -> StageOutput:
 
         return StageOutput(int8_model(model, cfg, ctx), {"backend": "bitsandbytes LLM.int8"})
     names, experts = select(model, cfg)
-    _untied(model, names)
+    check_untied(model, names)
     grid = Grid(8, None, True, scale_dtype(cfg))
     if cfg.needs_data:
         done, _ = _layerwise(model, cfg, ctx, names + experts, Plan(grid, "smooth", alpha=cfg.smoothing))
