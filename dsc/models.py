@@ -141,8 +141,9 @@ def _restore_experts(model, folder: Path) -> None:
     """A compressed-tensors MoE checkpoint loads its packed experts as fused floats: re-attach
     their grids so sizes count them at their bits and a later save packs them again."""
     if getattr(model.config, "quantization_config", None) is not None:
-        from dsc.quantize.ct import restore_experts
+        from dsc.quantize.ct import restore_experts, unpacked
 
+        unpacked(model)  # FP4 codes would unpack to bfloat16 in a float32 model on its first forward
         restore_experts(model, folder)
 
 

@@ -364,12 +364,22 @@ def _add_shard(dest: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def unpacked(model: nn.Module) -> None:
     """A model just loaded from a packed checkpoint is still COMPRESSED (transformers unpacks it on
-    its first forward): unpack it now, so that saving packs it exactly once."""
+    its first forward): unpack it now, so that saving packs it exactly once. compressed-tensors
+    unpacks FP4 codes to bfloat16 whatever the model's dtype: they are cast back to it (exact)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationStatus
 
     if any(getattr(m, "quantization_status", None) == QuantizationStatus.COMPRESSED for m in model.modules()):
         ModelCompressor.from_pretrained_model(model).decompress_model(model)
+    _cast_back(model)
+
+
+def _cast_back(model: nn.Module) -> None:
+    dtype = model.get_input_embeddings().weight.dtype
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if getattr(m, "quantization_scheme", None) is not None and w is not None and w.dtype != dtype:
+            w.data = w.data.to(dtype)
 
 
 def _expert_grid(folder: Path) -> Grid | None:
@@ -444,3 +454,4 @@ def save_pretrained(model: nn.Module, dest: Path) -> None:
             _add_shard(dest, floats)
     finally:
         compressor.decompress_model(model)
+        _cast_back(model)

@@ -103,10 +103,13 @@ class Quantized:
 
 
 @torch.no_grad()
-def grid_params(weight: torch.Tensor, grid: Grid, clip: torch.Tensor | float = 1.0) -> Quantized:
+def grid_params(weight: torch.Tensor, grid: Grid, clip: torch.Tensor | float = 1.0,
+                outer: torch.Tensor | None = None) -> Quantized:
     """The grid `to_grid` would put `weight` on, without changing it (scale rounded to its dtype,
-    except NVFP4's, whose E4M3 scale over the global one is exact in float32 only)."""
-    outer = grid.global_scale(weight) if hasattr(grid, "global_scale") else None
+    except NVFP4's, whose E4M3 scale over the global one is exact in float32 only). `outer`: NVFP4's
+    global scale when it is shared (q/k/v, gate/up: vLLM fuses them), else taken from `weight`."""
+    if outer is None and hasattr(grid, "global_scale"):
+        outer = grid.global_scale(weight)
     if outer is not None:
         return Quantized(grid, *grid.params(weight, clip, outer), outer)
     scale, zero = grid.params(weight, clip)
@@ -114,9 +117,10 @@ def grid_params(weight: torch.Tensor, grid: Grid, clip: torch.Tensor | float = 1
 
 
 @torch.no_grad()
-def to_grid(weight: nn.Parameter | torch.Tensor, grid: Grid, clip: torch.Tensor | float = 1.0) -> Quantized:
+def to_grid(weight: nn.Parameter | torch.Tensor, grid: Grid, clip: torch.Tensor | float = 1.0,
+            outer: torch.Tensor | None = None) -> Quantized:
     """Put `weight` (out, in) on the grid in place (range shrunk by `clip`); the scale is rounded to
     the weight's dtype first, as it will be stored, so the stored model computes exactly this."""
-    q = grid_params(weight, grid, clip)
+    q = grid_params(weight, grid, clip, outer)
     weight.copy_(grid.fake(weight, q.scale, q.zero).to(weight.dtype))
     return q

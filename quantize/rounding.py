@@ -63,9 +63,11 @@ class Rounding:
     def _linears(self, weights, gram, grid, clippable, round) -> list[Quantized]:
         ratios = [clip_ratios(w, gram, grid, self.n_grid) if self._clips(c) else 1.0
                   for w, c in zip(weights, clippable)]
+        outer = shared_global_scale(weights, grid)
         if self.method != "gptq" or not round:
-            return [to_grid(w, grid, r) if round else grid_params(w, grid, r) for w, r in zip(weights, ratios)]
-        statics = [grid_params(w, grid, r) for w, r in zip(weights, ratios)]
+            return [to_grid(w, grid, r, outer) if round else grid_params(w, grid, r, outer)
+                    for w, r in zip(weights, ratios)]
+        statics = [grid_params(w, grid, r, outer) for w, r in zip(weights, ratios)]
         # per-linear scales when clipped, or on a float grid (NVFP4's global scale and FP8's 128-row blocks
         # belong to one linear); integer scales are per row: GPTQ takes them itself (lazily without act-order)
         clipped = any(torch.is_tensor(r) for r in ratios)
@@ -122,6 +124,14 @@ class _Columns:
 
     def fake(self, w, scale, zero=None):
         return self.grid.fake(w, scale, zero)
+
+
+def shared_global_scale(weights: list[torch.Tensor], grid) -> torch.Tensor | None:
+    """NVFP4: one global scale for linears that read one input (vLLM serves q/k/v and gate/up fused,
+    with one global scale, as llm-compressor saves them); None for other grids."""
+    if not hasattr(grid, "global_scale") or len(weights) == 1:
+        return None
+    return grid.global_scale(torch.cat([w.detach().reshape(-1) for w in weights])[None])
 
 
 def _stack(parts: list[Quantized]) -> Quantized:

@@ -30,7 +30,7 @@ from dsc.quantize.experts import QuantizedExperts, is_fused, quantize_experts
 from dsc.quantize.grid import to_grid
 from dsc.quantize.layerwise import Plan, quantize_layer
 from dsc.quantize.progress import Progress
-from dsc.quantize.rounding import Rounding
+from dsc.quantize.rounding import Rounding, shared_global_scale
 from dsc.stages import StageOutput
 from dsc.structure import describe
 
@@ -93,8 +93,25 @@ def check_untied(model: nn.Module, names: list[str]) -> None:
 
 
 def _rtn(model: nn.Module, names: list[str], grid: Grid, experts: list[str] = ()) -> dict:
-    done = {name: to_grid(model.get_submodule(name).weight, grid) for name in names}
+    outer = {}
+    for fused in _shared_inputs(model):  # NVFP4: one global scale for q/k/v and for gate/up
+        chosen = [n for n in fused if n in names]
+        g = shared_global_scale([model.get_submodule(n).weight for n in chosen], grid) if len(chosen) > 1 else None
+        outer.update(dict.fromkeys(chosen, g))
+    done = {name: to_grid(model.get_submodule(name).weight, grid, outer=outer.get(name)) for name in names}
     return {**done, **{name: quantize_experts(model.get_submodule(name), grid) for name in experts}}
+
+
+def _shared_inputs(model: nn.Module) -> list[list[str]]:
+    """Names of the linears that read one input, from the structure: q/k/v and gate/up."""
+    structure = describe(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    sets = []
+    for layer in structure.layers:
+        attn, mlps = layer.attn, [layer.mlp] + ([layer.moe.shared] if layer.moe is not None else [])
+        sets.append([names[id(m)] for m in (attn.q, attn.k, attn.v) if m is not None])
+        sets += [[names[id(m)] for m in (mlp.gate, mlp.up) if m is not None] for mlp in mlps if mlp is not None]
+    return sets
 
 
 def _outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device):
@@ -225,6 +242,16 @@ def apply_float(model, cfg: FloatConfig, ctx) -> StageOutput:
     check_untied(model, names)
     grid = grid_for(cfg, model, names, experts)
     mode = None if cfg.act_mode == "none" else cfg.act_mode
+    if experts:
+        raise FieldError("ignore", f"fused MoE experts ({experts[0]}, …) are not yet saved in {cfg.scheme}: add "
+                                   "\"re:.*experts\" to ignore (their linears can be; or use gptq / rtn / awq)")
+    if grid.block and mode:  # compressed-tensors quantizes the activations in groups of 128 at run time
+        narrow = [n for n in names if model.get_submodule(n).in_features % grid.block[1]]
+        if narrow:
+            raise FieldError("activations", f"fp8-block quantizes inputs in groups of {grid.block[1]}, which does not "
+                                            f"divide the inputs of {len(narrow)} targets ({narrow[0]}: "
+                                            f"{model.get_submodule(narrow[0]).in_features}): use activations: none "
+                                            "(weight blocks pad), scheme: fp8, or add them to `ignore`")
     t0 = time.perf_counter()
     if cfg.needs_data:
         plan = Plan(grid, None, rounding=_gptq(cfg) if cfg.gptq else Rounding("rtn"), static_inputs=mode == "static")

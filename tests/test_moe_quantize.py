@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsc.evaluation import disk_bytes, weight_bytes
 from dsc.models import load_checkpoint, save_model
-from dsc.quantize import AWQConfig, Grid, Int8Config, RTNConfig, apply_awq, apply_int8, apply_rtn
+from dsc.quantize import (AWQConfig, GPTQConfig, Grid, Int8Config, RTNConfig, apply_awq, apply_gptq, apply_int8,
+                          apply_rtn)
 from dsc.quantize import ct
 from dsc.quantize.calibrate import capture, observe
 from dsc.quantize.experts import ATTR, fold_down
@@ -98,6 +99,7 @@ def _expert_grid_ok(model, q_experts):
 STAGES = {
     "rtn-w4-g8": (apply_rtn, RTNConfig(group_size=8)),
     "awq-w4-g8": (apply_awq, AWQConfig(group_size=8, split="all", num_samples=4, batch_size=2)),
+    "gptq-w4-g8": (apply_gptq, GPTQConfig(group_size=8, split="all", num_samples=4, batch_size=2)),
     "int8-weight-only": (apply_int8, Int8Config(mode="weight_only")),
     "int8-w8a8": (apply_int8, Int8Config(split="all", num_samples=4, batch_size=2)),
 }
@@ -274,3 +276,29 @@ def test_awq_beats_rtn_on_tiny_deepseek_v3(tiny_dsv3_dir, dsv3_text):
     assert base < awq_ppl < rtn_ppl * 1.001
     assert awq_kl < 0.92 * rtn_kl, (rtn_kl, awq_kl)
     assert out.metrics["experts_rtn_fallback"] == [] and out.metrics["quantized_experts"] == 3 * 8
+
+
+def test_gptq_rounds_each_expert_on_its_own_tokens(tokenizer):
+    """Per expert, GPTQ's output error on the expert's own tokens (its Gram blocks) is below RTN's."""
+    from dsc.quantize.experts import ExpertStats, quantize_experts
+    from dsc.quantize.experts import _block_error
+    from dsc.quantize.rounding import Rounding
+
+    model = make_moe("deepseek_v3", len(tokenizer))
+    layer = describe(model).sparse()[0]
+    experts, grid = layer.moe.experts, Grid(4, 8, True)
+    stats = ExpertStats.empty(experts, grid)
+    handle = experts.register_forward_pre_hook(stats.hook, with_kwargs=True)
+    ids = torch.randint(0, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    original = experts.down_proj.detach().clone()
+    rtn = grid.rtn(original.reshape(-1, original.shape[-1])).reshape(original.shape)
+    quantize_experts(experts, grid, stats, Rounding("gptq"))
+    reached = [e for e in range(original.shape[0]) if stats.counts[e] > 0]
+    assert len(reached) >= 2  # untrained routing: a few experts take every token
+    for e in reached:
+        blocks = stats.h.blocks[e] / stats.counts[e]
+        got = _block_error(original[e] - experts.down_proj[e].detach(), blocks)
+        assert got < _block_error(original[e] - rtn[e], blocks), e
