@@ -12,7 +12,9 @@ bytes of weights on disk, greedy decode tokens/s.
     python bench/bench_quant.py --methods dsc-awq --peers llmcompressor --peer-schemes awq-w4
 
 Protocol (printed with the table): WikiText-2 raw validation, non-empty lines joined by blank
-lines, first W windows of 1024 tokens, each scored alone (stride 1024), token level;
+lines, first W windows of 1024 tokens, each scored alone (stride 1024), token level; and C4
+held out: the W windows of the C4 validation subset right after the calibration tokens (dsc
+and llm-compressor rows);
 calibration: N × L tokens of the C4 validation subset (documents joined by EOS, in file order);
 weights int4 symmetric with group 64 (SmolLM2's 576-wide inputs do not take 128) unless stated.
 """
@@ -37,11 +39,14 @@ import common  # noqa: E402  (bench/peers/common.py: the measurements every tool
 
 VENVS = Path(os.environ.get("DSC_PEER_VENVS", "/work/venvs"))
 PEERS = {  # peer → (virtualenv, script, extra args, schemes)
-    "llmcompressor": ("llmc", "llmcompressor_quant.py", [], ["rtn-w4", "int8-wo", "w8a8-sq", "awq-w4"]),
+    "llmcompressor": ("llmc", "llmcompressor_quant.py", [], ["rtn-w4", "int8-wo", "w8a8-sq", "awq-w4", "gptq-w4",
+                                                             "fp8-dynamic", "nvfp4", "nvfp4-w", "mxfp4-w"]),
     "torchao": ("ao", "ao_quant.py", ["--tool", "torchao"], ["int4-wo", "int8-wo", "w8a8"]),
     "quanto": ("ao", "ao_quant.py", ["--tool", "quanto"], ["int4-wo", "int8-wo", "w8a8"]),
 }
-DSC = ["float", "dsc-rtn", "dsc-awq", "dsc-int8-wo", "dsc-w8a8", "dsc-w8a8-cpu-kernels"]
+DSC = ["float", "dsc-rtn", "dsc-awq", "dsc-gptq", "dsc-awq-gptq", "dsc-int8-wo", "dsc-w8a8", "dsc-w8a8-cpu-kernels",
+       "dsc-fp8", "dsc-fp8-block-w", "dsc-nvfp4", "dsc-nvfp4-w", "dsc-mxfp4-w"]
+EVAL_C4 = {"llmcompressor"}  # peers whose script also scores the C4 held-out windows
 
 
 def prepare(work: Path, args) -> dict[str, Path]:
@@ -51,7 +56,8 @@ def prepare(work: Path, args) -> dict[str, Path]:
     from dsc.models import ModelRef, load_model, load_tokenizer, resolve
 
     paths = {"model": work / "smollm2-float32", "calib": work / f"calib-{args.calib_samples}x{args.calib_len}.pt",
-             "eval": work / f"wiki-{args.windows}x1024.pt"}
+             "eval": work / f"wiki-{args.windows}x1024.pt",
+             "eval_c4": work / f"c4-{args.windows}x1024-after-{args.calib_samples * args.calib_len}.pt"}
     if all(p.exists() for p in paths.values()):
         return paths
     ref = ModelRef(path="default")
@@ -63,6 +69,8 @@ def prepare(work: Path, args) -> dict[str, Path]:
     torch.save(corpora.c4(tok, args.calib_samples * args.calib_len).view(args.calib_samples, args.calib_len).clone(),
                paths["calib"])
     torch.save(corpora.wikitext(tok, args.windows * 1024).view(args.windows, 1024).clone(), paths["eval"])
+    n = args.calib_samples * args.calib_len  # C4 held out: the windows after the calibration tokens
+    torch.save(corpora.c4(tok, n + args.windows * 1024)[n:].view(args.windows, 1024).clone(), paths["eval_c4"])
     return paths
 
 
@@ -73,7 +81,8 @@ def worker(method: str, paths: dict[str, Path], out: Path, group: int) -> dict:
     from dsc import Context
     from dsc.data.pipeline import TokenData
     from dsc.models import save_model
-    from dsc.quantize import AWQConfig, Int8Config, RTNConfig, apply_awq, apply_int8, apply_rtn
+    from dsc.quantize import (AWQConfig, FloatConfig, GPTQConfig, Int8Config, RTNConfig, apply_awq, apply_float,
+                              apply_gptq, apply_int8, apply_rtn)
     from dsc.quantize.cpu import int8_kernels
 
     model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32).eval()
@@ -84,6 +93,14 @@ def worker(method: str, paths: dict[str, Path], out: Path, group: int) -> dict:
     data = dict(split="all", num_samples=calib.shape[0])
     stages = {"dsc-rtn": (apply_rtn, RTNConfig(group_size=group)),
               "dsc-awq": (apply_awq, AWQConfig(group_size=group, **data)),
+              "dsc-gptq": (apply_gptq, GPTQConfig(group_size=group, **data)),  # act-order, static groups
+              "dsc-awq-gptq": (apply_gptq, GPTQConfig(group_size=group, awq_scales=True, **data)),
+              "dsc-fp8": (apply_float, FloatConfig(scheme="fp8")),  # FP8_DYNAMIC
+              # 576-wide inputs: no per-128 activation groups (llm-compressor's FP8_BLOCK fails there too)
+              "dsc-fp8-block-w": (apply_float, FloatConfig(scheme="fp8-block", activations="none")),
+              "dsc-nvfp4": (apply_float, FloatConfig(scheme="nvfp4", **data)),
+              "dsc-nvfp4-w": (apply_float, FloatConfig(scheme="nvfp4", activations="none")),
+              "dsc-mxfp4-w": (apply_float, FloatConfig(scheme="mxfp4", activations="none")),
               "dsc-int8-wo": (apply_int8, Int8Config(mode="weight_only")),
               "dsc-w8a8": (apply_int8, Int8Config(mode="w8a8", **data)),
               "dsc-w8a8-cpu-kernels": (apply_int8, Int8Config(mode="w8a8", **data))}
@@ -99,6 +116,7 @@ def worker(method: str, paths: dict[str, Path], out: Path, group: int) -> dict:
         int8_kernels(model)
     result = {"tool": "dsc", "scheme": method.removeprefix("dsc-"), "quant_seconds": seconds,
               **common.perplexity(model, common.load_blocks(paths["eval"])),
+              "perplexity_c4": common.perplexity(model, common.load_blocks(paths["eval_c4"]))["perplexity"],
               "decode_tok_s": common.decode_speed(model, model.config.vocab_size), "bytes_on_disk": disk}
     return {**result, "peak_rss_mb": common.peak_rss_mb()}
 
@@ -114,15 +132,22 @@ def run(cmd: list[str]) -> dict | None:
 
 def table(rows: list[dict], args) -> str:
     base = next((r for r in rows if r["scheme"] == "float"), None)
-    lines = ["| tool | scheme | perplexity | Δ vs float | quantize s | peak RSS MB | weights MB | decode tok/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| tool | scheme | WikiText-2 ppl | Δ | C4 held-out ppl | Δ | quantize s | peak RSS MB | weights MB | "
+             "decode tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def delta(r, key):
+        if not base or r is base or r.get(key) is None or base.get(key) is None:
+            return ""
+        return f"{100 * (r[key] / base[key] - 1):+.1f} %"
     for r in rows:
-        delta = f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f} %" if base and r is not base else ""
         disk = f"{r['bytes_on_disk'] / 1e6:.0f}" if r.get("bytes_on_disk") else "–"
-        lines.append(f"| {r['tool']} | {r['scheme']} | {r['perplexity']:.3f} | {delta} | {r['quant_seconds']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} | {disk} | {r['decode_tok_s']:.1f} |")
-    lines.append(f"\nWikiText-2 raw valid, {args.windows} × 1024-token windows, token level; calibration "
-                 f"{args.calib_samples} × {args.calib_len} C4-subset tokens; int4 group {args.group}; "
+        c4 = f"{r['perplexity_c4']:.3f}" if r.get("perplexity_c4") is not None else "–"
+        lines.append(f"| {r['tool']} | {r['scheme']} | {r['perplexity']:.3f} | {delta(r, 'perplexity')} | {c4} | "
+                     f"{delta(r, 'perplexity_c4')} | {r['quant_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {disk} | "
+                     f"{r['decode_tok_s']:.1f} |")
+    lines.append(f"\nWikiText-2 raw valid and C4 (the {args.windows} windows after the calibration tokens), "
+                 f"{args.windows} × 1024-token windows each, token level; calibration {args.calib_samples} × "
+                 f"{args.calib_len} C4-subset tokens; int4 group {args.group}; "
                  f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     return "\n".join(lines)
 
@@ -158,7 +183,8 @@ def main() -> None:
             jobs.append((f"{peer}-{scheme}", [str(VENVS / venv / "bin" / "python"), str(BENCH / "peers" / script),
                                               *extra, "--model", str(paths["model"]), "--calib", str(paths["calib"]),
                                               "--eval", str(paths["eval"]), "--scheme", scheme, "--group",
-                                              str(args.group), "--out", str(args.work / f"{peer}-{scheme}")]))
+                                              str(args.group), "--out", str(args.work / f"{peer}-{scheme}"),
+                                              *(["--eval-c4", str(paths["eval_c4"])] if peer in EVAL_C4 else [])]))
     rows = []
     for name, cmd in jobs:
         print(f"… {name}", file=sys.stderr, flush=True)

@@ -319,6 +319,8 @@ def _cross_stage(stages: tuple[StageSpec, ...], data: dict[str, Any], limit: int
                                           f"{did_you_mean(name, data)} (defined: {', '.join(data)})"))
             continue
         name = name or next(iter(data))  # stages default to the first source
+        if getattr(cfg, "needs_data", True) is False:  # e.g. fp8 dynamic, int8 weight-only: no calibration
+            continue
         split, length = getattr(cfg, "split", None), getattr(cfg, "context_length", None)
         if split not in (None, "all") and data[name].splits.get(split, 0) == 0:
             problems.append(DscInputError(f"{where}.split", f"source {name!r} gives split {split!r} no blocks: "

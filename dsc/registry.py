@@ -17,7 +17,8 @@ class Stage:
     summary: str
     distributed: bool = False  # True: under torchrun every process runs it (others: rank 0 alone)
     # What weights the stage takes and gives, checked across the recipe at `dsc validate`:
-    # float, grid (3/4/8-bit weights, compressed-tensors) or int8 (the int8 stage's W8 / W8A8).
+    # float, grid (3/4/8-bit integer weights, compressed-tensors), int8 (the int8 stage's W8 / W8A8) or
+    # fp (FP8 / NVFP4 / MXFP4).
     takes: tuple[str, ...] = ("float",)
     gives: str | None = "float"  # None: what it took (evaluate)
     artifact: bool = False  # True: the stage writes files (ctx.artifact_dir), published under OUT/export/
@@ -26,7 +27,7 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "evaluate": Stage(evaluate.EvaluateConfig, evaluate.apply, False,
                       "perplexity (stated protocol), parameters, bytes, speed and memory, next to the teacher",
-                      takes=("float", "grid", "int8"), gives=None),
+                      takes=("float", "grid", "int8", "fp"), gives=None),
     "cast": Stage(cast.CastConfig, cast.apply, True, "store weights in bfloat16 / float16"),
     "prune": Stage(prune.PruneConfig, prune.apply, True,
                    "structured pruning of heads (GQA-aware), MLP channels and layers into a smaller model"),
@@ -50,11 +51,11 @@ STAGES: dict[str, Stage] = {
                   "awq_scales: AWQ + GPTQ", gives="grid"),
     "fp": Stage(quantize.FloatConfig, quantize.apply_float, True,
                 "floating-point weights and activations: FP8 (per channel, 128×128 blocks), NVFP4, MXFP4",
-                gives="grid"),
+                gives="fp"),
     "int8": Stage(quantize.Int8Config, quantize.apply_int8, True,
                   "INT8: weight-only per channel, or W8A8 with SmoothQuant and dynamic per-token activations",
                   gives="int8"),
     "export": Stage(export.ExportConfig, export.apply, False,
                     "write the model for a runtime: GGUF for llama.cpp / ollama, dsc's grids stored exactly",
-                    takes=("float", "grid", "int8"), gives=None, artifact=True),
+                    takes=("float", "grid", "int8", "fp"), gives=None, artifact=True),
 }
