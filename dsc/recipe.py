@@ -291,7 +291,7 @@ def _artifact_rules(stages: tuple[StageSpec, ...]) -> list[DscInputError]:
                 problems.append(DscInputError(f"{spec.path}.file", f"{files[cfg.file]} writes {cfg.file} too: give "
                                               "each export its own file name (both land in OUT/export/)"))
             files.setdefault(cfg.file, spec.path)
-            fresh = True
+            fresh = fresh or cfg.format == "gguf"  # a report is no model file
         elif STAGES[spec.name].changes_model:
             fresh = False  # an export before this stage holds the model as it was
         if getattr(cfg, "runtime", "transformers") == "llama.cpp":

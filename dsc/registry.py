@@ -52,6 +52,10 @@ STAGES: dict[str, Stage] = {
     "fp": Stage(quantize.FloatConfig, quantize.apply_float, True,
                 "floating-point weights and activations: FP8 (per channel, 128×128 blocks), NVFP4, MXFP4",
                 gives="fp"),
+    "sensitivity": Stage(quantize.SensitivityConfig, quantize.apply_sensitivity, False,
+                         "each linear's output error under candidate schemes: which layers to give more bits "
+                         "(a report and a ready `schemes:` entry; the model is unchanged)", artifact=True,
+                         takes=("float",), gives=None),
     "int8": Stage(quantize.Int8Config, quantize.apply_int8, True,
                   "INT8: weight-only per channel, or W8A8 with SmoothQuant and dynamic per-token activations",
                   gives="int8"),

@@ -68,7 +68,53 @@ class CalibrationConfig(Config):
         return check_device(v, allow_auto=False)
 
 
-class RTNConfig(GridConfig):
+class SchemeGroup(Config):
+    """Another grid for some of a stage's linears: one compressed-tensors config group of its own.
+    `scheme: int` is an integer grid (bits, group_size, symmetric); the others are floating-point."""
+
+    targets: list[str] = Field(description="linears this group takes (patterns as in the stage's `targets`; the "
+                                           "first group that matches a linear takes it)")
+    scheme: Literal["int", "fp8", "fp8-block", "nvfp4", "mxfp4"] = Field("int", description="the grid")
+    bits: Literal[3, 4, 8] = Field(4, description="int: bits per weight")
+    group_size: int | None = Field(128, gt=0, description="int: input columns per scale (null: per channel)")
+    symmetric: bool = Field(True, description="int: symmetric grid")
+    activations: Literal["dynamic", "static", "none"] | None = Field(
+        None, description="inputs quantized at run time, as in `fp` (int: dynamic only at 8 bits, per token); "
+                          "default: none for int, else the scheme's (static for nvfp4, else dynamic)")
+
+    @field_validator("targets")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one target")
+        return check_regexes(v, prefix="re:")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        mode = self.act_mode
+        if self.scheme == "int" and mode not in ("none",) and not (mode == "dynamic" and self.bits == 8):
+            raise ValueError("integer activations are int8 per token (dynamic) with bits: 8, or none")
+        if self.scheme != "int":
+            allowed = {"fp8": ("dynamic", "static", "none"), "fp8-block": ("dynamic", "none"),
+                       "nvfp4": ("static", "none"), "mxfp4": ("dynamic", "none")}[self.scheme]
+            if mode not in allowed:
+                raise ValueError(f"activations: {mode} is not a {self.scheme} scheme; use one of {allowed}")
+        return self
+
+    @property
+    def act_mode(self) -> str:
+        if self.activations:
+            return self.activations
+        return "none" if self.scheme == "int" else "static" if self.scheme == "nvfp4" else "dynamic"
+
+
+class MixedSchemes(Config):
+    schemes: list[SchemeGroup] = Field(default_factory=list, description="other grids for some linears (a "
+                                       "non-uniform recipe, e.g. 8-bit for sensitive layers, FP8 attention + W4 MLP); "
+                                       "the linears no group takes use the stage's own")
+
+
+class RTNConfig(GridConfig, MixedSchemes):
     """Round-to-nearest on the grid: the baseline every quantizer is measured against."""
 
 
@@ -100,7 +146,7 @@ class GPTQKnobs(Config):
                                               "standard one (llm-compressor's actorder: static)")
 
 
-class GPTQConfig(GridConfig, CalibrationConfig, AWQSearch, GPTQKnobs):
+class GPTQConfig(GridConfig, CalibrationConfig, AWQSearch, GPTQKnobs, MixedSchemes):
     """GPTQ: each weight column rounded in turn, its error spread onto the columns not yet rounded
     through the inverse Hessian of the layer's output error (the calibration Gram matrix)."""
 
@@ -109,8 +155,14 @@ class GPTQConfig(GridConfig, CalibrationConfig, AWQSearch, GPTQKnobs):
     clip: bool = Field(False, description="take each (row, group)'s scale from AWQ's clipping search (q/k "
                                           "excepted) instead of its range")
 
+    @model_validator(mode="after")
+    def _one_grid_for_scales(self):
+        if self.awq_scales and self.schemes:
+            raise ValueError("awq_scales searches one grid per scale group: leave out `schemes`, or awq_scales")
+        return self
 
-class FloatConfig(TargetsConfig, CalibrationConfig, GPTQKnobs):
+
+class FloatConfig(TargetsConfig, CalibrationConfig, GPTQKnobs, MixedSchemes):
     """Floating-point weights (and activations): FP8 E4M3, NVFP4, MXFP4, saved as compressed-tensors
     float-quantized / nvfp4-pack-quantized / mxfp4-pack-quantized (llm-compressor's FP8_DYNAMIC,
     FP8_BLOCK, NVFP4, MXFP4 schemes)."""
@@ -144,7 +196,7 @@ class FloatConfig(TargetsConfig, CalibrationConfig, GPTQKnobs):
 
     @property
     def needs_data(self) -> bool:
-        return self.gptq or self.act_mode == "static"
+        return self.gptq or self.act_mode == "static" or any(g.act_mode == "static" for g in self.schemes)
 
 
 class Int8Config(TargetsConfig, CalibrationConfig):
@@ -169,3 +221,33 @@ class Int8Config(TargetsConfig, CalibrationConfig):
     @property
     def needs_data(self) -> bool:
         return self.mode == "w8a8" and self.smoothing is not None and self.backend == "compressed-tensors"
+
+
+class SensitivityConfig(CalibrationConfig):
+    """Each linear's output error under candidate schemes, on calibration data: which layers to give
+    more bits. Writes sensitivity.md / sensitivity.json (under OUT/export/); the model is unchanged."""
+
+    targets: list[str] = Field(default_factory=lambda: ["Linear"], description="linears to measure (as in `rtn`)")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="linears left out")
+    candidates: list[str] = Field(default_factory=lambda: ["int4-g64", "int8", "fp8"],
+                                  description="schemes to score, cheapest first: int4-g64, int8 (per channel), "
+                                              "int3-g128-asym, fp8, fp8-block, nvfp4, mxfp4")
+    top: int = Field(8, ge=0, description="how many of the most sensitive linears (on the first candidate) the "
+                                          "suggested `schemes:` entry gives the last candidate")
+    file: str = Field("sensitivity.md", pattern=r"^[\w.-]+\.md$",
+                      description="the report's name in OUT/export/ (the rows go to the same name in .json)")
+
+    @field_validator("candidates")
+    @classmethod
+    def _schemes(cls, v: list[str]) -> list[str]:
+        from dsc.quantize.sensitivity import parse_scheme
+
+        if not v:
+            raise ValueError("name at least one candidate")
+        for name in v:
+            parse_scheme(name)
+        return v
+
+    @property
+    def format(self) -> str:
+        return "report"

@@ -18,7 +18,7 @@ A norm is used only when exactly the expected modules read its output.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -45,7 +45,11 @@ class Plan:
     module_loss: bool = False  # score norm-fed groups on their module's output (else: their own outputs)
     loss_batches: int = 1  # calibration batches that module loss replays
     round: bool = True  # False: scales and clipping searched and folded, weights left in float (a QAT start)
-    static_inputs: bool = False  # record each linear's static input scale (FP8 static, NVFP4 activations)
+    grids: dict = field(default_factory=dict)  # full linear name → another grid (a scheme group)
+    static_grids: tuple = ()  # grids whose linears record a static input scale (FP8 static, NVFP4 activations)
+
+    def grid_of(self, name: str):
+        return self.grids.get(name, self.grid)
 
 
 @dataclass
@@ -323,14 +327,18 @@ def quantize_layer(layer: Layer, inputs, targets: set[str], plan: Plan
         if not names:
             continue
         gram = group.stats.gram_mean if group.stats.gram is not None else None
-        got, metrics = plan.rounding.linears([linears[n].weight for n in names], gram, plan.grid,
-                                             [linears[n] not in no_clip for n in names], plan.round)
-        if plan.static_inputs:
-            scale = plan.grid.input_scale(group.stats.abs_max.max())
-            got = [replace(q, input_scale=scale) for q in got]
-        done.update(zip(names, got))
-        if metrics:
-            searches.append({"linears": names, "rounding": plan.rounding.method, **metrics})
+        by_grid: dict = {}
+        for n in names:
+            by_grid.setdefault(plan.grid_of(f"{layer.path}.{n}"), []).append(n)
+        for grid, part in by_grid.items():
+            got, metrics = plan.rounding.linears([linears[n].weight for n in part], gram, grid,
+                                                 [linears[n] not in no_clip for n in part], plan.round)
+            if grid in plan.static_grids:
+                scale = grid.input_scale(group.stats.abs_max.max())
+                got = [replace(q, input_scale=scale) for q in got]
+            done.update(zip(part, got))
+            if metrics:
+                searches.append({"linears": part, "rounding": plan.rounding.method, **metrics})
     experts = _names(layer)[id(layer.moe.experts)] if layer.moe is not None else None
     if experts in targets:
         done[experts] = quantize_experts(layer.moe.experts, plan.grid, stats, plan.rounding)

@@ -23,7 +23,7 @@ from dsc.errors import FieldError
 from dsc.quantize import ct
 from dsc.quantize.calibrate import capture, forward, placed
 from dsc.quantize.config import (AWQConfig, FloatConfig, GPTQConfig, GPTQKnobs, GridConfig, Int8Config, RTNConfig,
-                                 TargetsConfig)
+                                 SensitivityConfig, TargetsConfig)
 from dsc.quantize.fp import FloatGrid
 from dsc.quantize.grid import Grid
 from dsc.quantize.experts import QuantizedExperts, is_fused, quantize_experts
@@ -92,13 +92,16 @@ def check_untied(model: nn.Module, names: list[str]) -> None:
                                        "(tie_word_embeddings): keep it in ignore")
 
 
-def _rtn(model: nn.Module, names: list[str], grid: Grid, experts: list[str] = ()) -> dict:
-    outer = {}
+def _rtn(model: nn.Module, names: list[str], grid: Grid, experts: list[str] = (), grids: dict | None = None) -> dict:
+    """Round to nearest; `grids`: full name → another grid for that linear (a scheme group)."""
+    grids, outer = grids or {}, {}
     for fused in _shared_inputs(model):  # NVFP4: one global scale for q/k/v and for gate/up
-        chosen = [n for n in fused if n in names]
-        g = shared_global_scale([model.get_submodule(n).weight for n in chosen], grid) if len(chosen) > 1 else None
+        chosen = [n for n in fused if n in names and grids.get(n, grid) == grids.get(fused[0], grid)]
+        g = shared_global_scale([model.get_submodule(n).weight for n in chosen], grids.get(chosen[0], grid)) \
+            if len(chosen) > 1 else None
         outer.update(dict.fromkeys(chosen, g))
-    done = {name: to_grid(model.get_submodule(name).weight, grid, outer=outer.get(name)) for name in names}
+    done = {name: to_grid(model.get_submodule(name).weight, grids.get(name, grid), outer=outer.get(name))
+            for name in names}
     return {**done, **{name: quantize_experts(model.get_submodule(name), grid) for name in experts}}
 
 
@@ -149,10 +152,10 @@ def _layerwise(model, cfg, ctx, names: list[str], plan: Plan) -> tuple[dict, lis
         done.update({prefix + n: q for n, q in got.items()})
         searches += [{"layer": layer.index, **s} for s in found]
     rest = [n for n in names if n not in done]  # outside the decoder layers (an untied LM head)
-    if rest and plan.static_inputs:
+    if rest and any(plan.grids.get(n, plan.grid) in plan.static_grids for n in rest):
         raise FieldError("ignore", f"{rest} lie outside the decoder layers, where calibration records no input "
                                    "scale: add them to `ignore`")
-    done.update(_rtn(model, rest, plan.grid))
+    done.update(_rtn(model, rest, plan.grid, grids=plan.grids))
     return done, searches
 
 
@@ -166,8 +169,9 @@ def _capture(model, layers, cfg, ctx, device):
         _outside_layers(model, layers, home)
 
 
-def _finish(model, done: dict, cfg: TargetsConfig, activations: str | bool | None, extra: dict) -> StageOutput:
-    ct.attach(model, done, activations, cfg.format)
+def _finish(model, done: dict, cfg: TargetsConfig, activations: str | bool | None, extra: dict,
+            modes: dict | None = None) -> StageOutput:
+    ct.attach(model, done, activations, cfg.format, modes)
     experts = {n: q for n, q in done.items() if isinstance(q, QuantizedExperts)}
     metrics = {"quantized_linears": len(done) - len(experts), "scheme": ct.describe(model)}
     if experts:
@@ -181,10 +185,49 @@ def _fallback(done: dict) -> dict:
     return {"experts_rtn_fallback": names} if any(isinstance(q, QuantizedExperts) for q in done.values()) else {}
 
 
+def scheme_grids(cfg, model: nn.Module, names: list[str]) -> tuple[dict[str, Grid | FloatGrid], dict]:
+    """The linears the stage's `schemes` take (full name → grid; the first group matching a linear
+    takes it) and each grid's activation mode (None: weight-only); the stage's own grid is the
+    default. A group that takes no linear, or a width its grid does not divide, is an error."""
+    modules, grids, modes = dict(model.named_modules()), {}, {}
+    for i, group in enumerate(getattr(cfg, "schemes", ())):
+        grid = (FloatGrid.named(group.scheme) if group.scheme != "int"
+                else Grid(group.bits, group.group_size, group.symmetric, scale_dtype(cfg)))
+        taken = [n for n in names if n not in grids and any(matches(p, n, modules[n]) for p in group.targets)]
+        if not taken:
+            raise FieldError(f"schemes[{i}].targets", f"{group.targets} take none of the stage's linears (those an "
+                                                      "earlier group took included)")
+        for n in taken:
+            grid.group(modules[n].in_features, n)
+        mode = None if group.act_mode == "none" else group.act_mode
+        if modes.get(grid, mode) != mode:
+            raise FieldError(f"schemes[{i}].activations", "two groups with one grid need one activation mode")
+        modes[grid] = mode
+        grids.update(dict.fromkeys(taken, grid))
+    return grids, modes
+
+
+def _modes(default_grid, default_mode: str | None, modes: dict) -> dict:
+    if default_grid in modes and modes[default_grid] != default_mode:
+        raise FieldError("schemes", "a scheme group repeats the stage's own grid with other activations: merge them")
+    return {default_grid: default_mode, **modes}
+
+
+def _uncalibrated(modes: dict) -> None:
+    static = [g for g, m in modes.items() if m == "static"]
+    if static:
+        raise FieldError("schemes", "static activations need calibration data: use the `fp` or `gptq` stage, or "
+                                    "activations: dynamic / none")
+
+
 def apply_rtn(model, cfg: RTNConfig, ctx) -> StageOutput:
     names, experts = select(model, cfg)
     check_untied(model, names)
-    return _finish(model, _rtn(model, names, grid_for(cfg, model, names, experts), experts), cfg, False, {})
+    grid = grid_for(cfg, model, names, experts)
+    grids, modes = scheme_grids(cfg, model, names)
+    modes = _modes(grid, None, modes)
+    _uncalibrated(modes)
+    return _finish(model, _rtn(model, names, grid, experts, grids), cfg, None, {}, modes)
 
 
 def apply_awq(model, cfg: AWQConfig, ctx, round_weights: bool = True) -> StageOutput:
@@ -222,13 +265,17 @@ def apply_gptq(model, cfg: GPTQConfig, ctx) -> StageOutput:
     """GPTQ (with `awq_scales`: AWQ's scales searched and folded first, then GPTQ)."""
     names, experts = select(model, cfg)
     check_untied(model, names)
-    plan = Plan(grid_for(cfg, model, names, experts), "awq" if cfg.awq_scales else None, n_grid=cfg.n_grid,
+    grid = grid_for(cfg, model, names, experts)
+    grids, modes = scheme_grids(cfg, model, names)
+    modes = _modes(grid, None, modes)
+    plan = Plan(grid, "awq" if cfg.awq_scales else None, n_grid=cfg.n_grid,
                 duo=cfg.duo_scaling, module_loss=cfg.loss == "module",
-                loss_batches=max(1, -(-cfg.loss_samples // cfg.batch_size)), rounding=_gptq(cfg, cfg.clip))
+                loss_batches=max(1, -(-cfg.loss_samples // cfg.batch_size)), rounding=_gptq(cfg, cfg.clip),
+                grids=grids, static_grids=tuple(g for g, m in modes.items() if m == "static"))
     t0 = time.perf_counter()
     done, searches = _layerwise(model, cfg, ctx, names + experts, plan)
-    return _finish(model, done, cfg, False, {"seconds": round(time.perf_counter() - t0, 2), **_summary(searches),
-                                             **_fallback(done)})
+    return _finish(model, done, cfg, None, {"seconds": round(time.perf_counter() - t0, 2), **_summary(searches),
+                                            **_fallback(done)}, modes)
 
 
 def _gptq(cfg: GPTQKnobs, clip: bool = False) -> Rounding:
@@ -252,16 +299,17 @@ def apply_float(model, cfg: FloatConfig, ctx) -> StageOutput:
                                             f"divide the inputs of {len(narrow)} targets ({narrow[0]}: "
                                             f"{model.get_submodule(narrow[0]).in_features}): use activations: none "
                                             "(weight blocks pad), scheme: fp8, or add them to `ignore`")
+    grids, modes = scheme_grids(cfg, model, names)
+    modes = _modes(grid, mode, modes)
     t0 = time.perf_counter()
     if cfg.needs_data:
-        plan = Plan(grid, None, rounding=_gptq(cfg) if cfg.gptq else Rounding("rtn"), static_inputs=mode == "static")
+        plan = Plan(grid, None, rounding=_gptq(cfg) if cfg.gptq else Rounding("rtn"), grids=grids,
+                    static_grids=tuple(g for g, m in modes.items() if m == "static"))
         done, searches = _layerwise(model, cfg, ctx, names + experts, plan)
     else:
-        done, searches = _rtn(model, names, grid, experts), []
+        done, searches = _rtn(model, names, grid, experts, grids), []
     extra = {"seconds": round(time.perf_counter() - t0, 2), **_summary(searches), **_fallback(done)}
-    if experts and mode:
-        extra["experts_activations"] = "weight-only: the fused experts' forward has no place to quantize their inputs"
-    return _finish(model, done, cfg, mode, extra)
+    return _finish(model, done, cfg, mode, extra, modes)
 
 
 def apply_int8(model, cfg: Int8Config, ctx) -> StageOutput:
@@ -281,3 +329,24 @@ def apply_int8(model, cfg: Int8Config, ctx) -> StageOutput:
         extra["experts_w8a8"] = ("weight-only int8: the fused experts' forward has no place to quantize their "
                                  "inputs, and transformers loads fused experts weight-only")
     return _finish(model, done, cfg, cfg.mode == "w8a8", extra)
+
+
+def apply_sensitivity(model, cfg: SensitivityConfig, ctx) -> StageOutput:
+    """The `sensitivity` stage: measure, write the table and the suggestion; the model is unchanged."""
+    import json
+
+    from dsc.quantize.sensitivity import markdown, sensitivity, suggest
+
+    names, _ = select(model, cfg)
+    blocks = ctx.data[cfg.data or ctx.data.default()].blocks(cfg.split)[: cfg.num_samples]
+    t0 = time.perf_counter()
+    rows = sensitivity(model, cfg.candidates, blocks, cfg.batch_size, names)
+    top = suggest(rows, cfg.candidates[0], cfg.candidates[-1], cfg.top) if len(cfg.candidates) > 1 else {}
+    metrics = {"seconds": round(time.perf_counter() - t0, 2), "linears": len({r["linear"] for r in rows}),
+               "most_sensitive": top.get("targets", [])[:cfg.top], "suggested_schemes": [top] if top else []}
+    if ctx.artifact_dir is not None:
+        ctx.artifact_dir.mkdir(parents=True, exist_ok=True)
+        report = ctx.artifact_dir / cfg.file
+        report.with_suffix(".json").write_text(json.dumps({"rows": rows, "suggestion": top}, indent=1))
+        report.write_text(markdown(rows, cfg.candidates, top))
+    return StageOutput(model, metrics)

@@ -236,3 +236,79 @@ def test_nvfp4_shares_one_global_scale_where_vllm_fuses(tokenizer, gptq_on):
     assert scales[0] == scales[1] == scales[2]
     assert mlp.gate_proj.weight_global_scale.item() == mlp.up_proj.weight_global_scale.item()
     assert attn.o_proj.weight_global_scale.item() != scales[0]
+
+
+MIXED = {  # FP8 attention + W4 MLP; 8-bit for the sensitive down_proj; NVFP4 MLP with int4 attention
+    "fp8-attn+w4-mlp": (apply_float, FloatConfig(scheme="fp8", schemes=[
+        {"targets": ["re:.*mlp\\..*"], "scheme": "int", "bits": 4, "group_size": 16}])),
+    "gptq-w4+w8-down": (apply_gptq, GPTQConfig(group_size=16, split="all", num_samples=4, batch_size=2, schemes=[
+        {"targets": ["down_proj"], "bits": 8, "group_size": None}])),
+    "rtn-w4+nvfp4-mlp": (apply_rtn, RTNConfig(group_size=16, schemes=[
+        {"targets": ["re:.*mlp\\..*"], "scheme": "nvfp4", "activations": "none"}])),
+}
+
+
+@pytest.mark.parametrize("name", list(MIXED))
+def test_two_group_recipe_saves_two_config_groups_and_reloads(name, tokenizer, tmp_path):
+    apply, cfg = MIXED[name]
+    model = make_model("qwen2", len(tokenizer))
+    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
+    out = apply(model, cfg, _ctx(tokenizer, ids))
+    assert out.metrics["quantized_linears"] == 14 and len(out.metrics["scheme"]["groups"]) == 2
+    save_model(model, tokenizer, tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    groups = qc["config_groups"]
+    assert sorted(groups) == ["group_0", "group_1"]
+    targets = {t for g in groups.values() for t in g["targets"]}
+    assert len(targets) == 14 and all(t.startswith("model.layers.") for t in targets)  # each linear in one group
+    second = {g["weights"]["num_bits"] if g["weights"]["type"] == "int" else g["weights"]["type"] for g in
+              groups.values()}
+    assert len(second) == 2 or len({json.dumps(g["weights"], sort_keys=True) for g in groups.values()}) == 2
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    ct.unpacked(reloaded)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_scheme_group_matching_nothing_is_an_error(tokenizer):
+    cfg = RTNConfig(group_size=16, schemes=[{"targets": ["re:.*nothing.*"], "bits": 8}])
+    with pytest.raises(FieldError, match=r"schemes\[0\]\.targets"):
+        apply_rtn(make_model("qwen2", len(tokenizer)), cfg, None)
+
+
+def test_sensitivity_ranks_a_damaged_layer_first_and_suggests_more_bits(stories):
+    from dsc.quantize.sensitivity import sensitivity, suggest
+
+    model, _, calib, _ = stories
+    model = copy.deepcopy(model)
+    down = model.model.layers[2].mlp.down_proj
+    with torch.no_grad():  # one outlier column per row: int4 per channel loses everything else in that row
+        down.weight[:, 5] *= 40
+    rows = sensitivity(model, ["int4", "int8"], calib[:8], 4)
+    assert {r["scheme"] for r in rows} == {"int4", "int8"}
+    worst = max((r for r in rows if r["scheme"] == "int4"), key=lambda r: r["error"])
+    assert worst["linear"] == "model.layers.2.mlp.down_proj"
+    for name in {r["linear"] for r in rows}:  # 8 bits always beat 4 on the same linear
+        e = {r["scheme"]: r["error"] for r in rows if r["linear"] == name}
+        assert e["int8"] < e["int4"]
+    assert suggest(rows, "int4", "int8", 2)["targets"][0] == "model.layers.2.mlp.down_proj"
+    assert suggest(rows, "int4", "int8", 2)["bits"] == 8
+
+
+def test_sensitivity_stage_writes_its_report_and_a_usable_schemes_entry(llama_dir, text_file, tmp_path):
+    from test_run import recipe_dict
+
+    from dsc.recipe import validate
+    from dsc.runner import run_recipe
+
+    out = tmp_path / "out"
+    stages = [{"sensitivity": {"candidates": ["int4-g16", "int8"], "top": 3, "split": "train", "num_samples": 4,
+                               "batch_size": 2}}]
+    run_recipe(validate(recipe_dict(llama_dir, text_file, out, stages), base_dir=tmp_path))
+    report = json.loads((out / "export" / "sensitivity.json").read_text())
+    assert len(report["suggestion"]["targets"]) == 3 and (out / "export" / "sensitivity.md").is_file()
+    # the suggestion is a valid scheme group for the next run
+    cfg = RTNConfig(group_size=16, schemes=[report["suggestion"]])
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    out_metrics = apply_rtn(model, cfg, None).metrics
+    assert len(out_metrics["scheme"]["groups"]) == 2
