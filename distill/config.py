@@ -6,11 +6,11 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dsc.config import Config
+from dsc.config import Config, StageConfig
 from dsc.quantize.config import GridConfig
 
 
-class TrainConfig(Config):
+class TrainConfig(StageConfig):
     """The shared training loop: budget, optimizer, schedule, precision, checkpoints, evaluation."""
 
     data: str | None = Field(None, description="training data source (default: the recipe's first)")

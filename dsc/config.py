@@ -37,6 +37,32 @@ class Config(BaseModel):
             raise RecipeError(list(translate_errors(exc, cls, path))) from None
 
 
+class StageConfig(Config):
+    """What the core reads of every stage's config (dsc.recipe validates with it, dsc.runner runs
+    with it); a stage overrides what differs. Fields a stage may declare and the core then reads:
+    `data` (a data source name, default: the recipe's first), `split`, `context_length`, `seq_len`,
+    `eval_split` — checked against the data section before anything loads."""
+
+    @property
+    def edits_input(self) -> bool:
+        """Whether the stage may change the model it is given in place (the runner then hands it a
+        model it can spare)."""
+        return True
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the stage reads its data source (its split is then checked at validation)."""
+        return True
+
+    def model_refs(self) -> dict[str, str]:
+        """Model folders this config names (field → path): checked to exist at validation."""
+        return {}
+
+    def file_refs(self) -> dict[str, str]:
+        """Files this config names (field → path): checked to exist at validation."""
+        return {}
+
+
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 

@@ -117,9 +117,9 @@ def validate(raw: Any, base_dir: Path = Path("."), default_output: str | None = 
     data = gather(problems, _data, raw.get("data"), base_dir) or {}
     stages = gather(problems, _stages, raw.get("stages")) or ()
     for spec in stages:  # model folders a stage names (distill.student.path) must exist now, not hours in
-        for name, path in getattr(spec.config, "model_refs", dict)().items():
+        for name, path in spec.config.model_refs().items():
             gather(problems, resolve, ModelRef(path=path), base_dir, f"{spec.path}.{name}")
-        for name, path in getattr(spec.config, "file_refs", dict)().items():  # and files (evaluate.tasks.*.path)
+        for name, path in spec.config.file_refs().items():  # and files (evaluate.tasks.*.path)
             gather(problems, require_file, path, base_dir, f"{spec.path}.{name}")
     output = gather(problems, _output, raw.get("output", default_output))
     tracking = gather(problems, TrackingConfig.parse, raw["tracking"], "tracking") if "tracking" in raw else None
@@ -319,7 +319,7 @@ def _cross_stage(stages: tuple[StageSpec, ...], data: dict[str, Any], limit: int
                                           f"{did_you_mean(name, data)} (defined: {', '.join(data)})"))
             continue
         name = name or next(iter(data))  # stages default to the first source
-        if getattr(cfg, "needs_data", True) is False:  # e.g. fp8 dynamic, int8 weight-only: no calibration
+        if not cfg.needs_data:  # e.g. fp8 dynamic, int8 weight-only: no calibration
             continue
         split, length = getattr(cfg, "split", None), getattr(cfg, "context_length", None)
         if split not in (None, "all") and data[name].splits.get(split, 0) == 0:

@@ -4,14 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from dsc.config import Config
+from dsc.config import StageConfig
 from dsc import distill, export, prune, quantize
 from dsc.stages import cast, evaluate
 
 
 @dataclass(frozen=True)
 class Stage:
-    config: type[Config]
+    config: type[StageConfig]  # the contract the core reads (dsc.config.StageConfig)
     apply: Callable  # apply(model, cfg, ctx) -> StageOutput
     changes_model: bool  # True: the runner checkpoints the model after the stage
     summary: str
@@ -22,6 +22,10 @@ class Stage:
     takes: tuple[str, ...] = ("float",)
     gives: str | None = "float"  # None: what it took (evaluate)
     artifact: bool = False  # True: the stage writes files (ctx.artifact_dir), published under OUT/export/
+
+    def __post_init__(self):
+        if not issubclass(self.config, StageConfig):
+            raise TypeError(f"{self.config.__name__} must derive from dsc.config.StageConfig")
 
 
 STAGES: dict[str, Stage] = {

@@ -50,10 +50,10 @@ def _stage_models(spec, base_dir: Path) -> dict:
     evaluate.tasks.*.path): one edited between a crash and the rerun makes that stage and the ones
     after it run again."""
     out = {}
-    for name, path in getattr(spec.config, "model_refs", dict)().items():
+    for name, path in spec.config.model_refs().items():
         ref = ModelRef(path=path)
         out[name] = model_fingerprint(resolve(ref, base_dir, f"{spec.path}.{name}"), ref)
-    for name, path in getattr(spec.config, "file_refs", dict)().items():
+    for name, path in spec.config.file_refs().items():
         out[name] = hash_files([resolve_file(path, base_dir)])
     return out
 
@@ -254,7 +254,7 @@ def _run_stage(i: int, recipe: Recipe, out: RunDir, fingerprint: str, model, ses
     tmp, final = out.tmp_stage_dir(i, spec.name), out.stage_dir(i, spec.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if stage.changes_model and getattr(spec.config, "edits_input", True):
+    if stage.changes_model and spec.config.edits_input:
         ctx.forget_teacher_if(model)  # the stage may edit the model in place: the teacher reloads
     work = out.work_dir(i, spec.name, fingerprint)
     ctx.stage_dir, ctx.work_dir, ctx.scope = tmp, work, final.name

@@ -17,14 +17,14 @@ import torch
 from pydantic import Field, field_validator
 
 from dsc import __version__
-from dsc.config import Config
+from dsc.config import Config, StageConfig
 from dsc.errors import DscInputError
 from dsc.stages import StageOutput
 
 Kind = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
 
 
-class ExportConfig(Config):
+class ExportConfig(StageConfig):
     """Write the model for a runtime. `format: gguf`: one GGUF file for llama.cpp (llama-cli,
     llama-server, ollama), also readable by transformers' `from_pretrained(gguf_file=...)`."""
 

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from dsc.config import Config, check_regexes
+from dsc.config import Config, StageConfig, check_regexes
 
 
 def _fraction(v: float) -> float:
@@ -17,7 +17,7 @@ def _fraction(v: float) -> float:
 Fraction = Annotated[float, AfterValidator(_fraction)]
 
 
-class PruneConfig(Config):
+class PruneConfig(StageConfig):
     ratio: Fraction = Field(0.0, description="global: fraction of non-embedding parameters to remove, spread as one "
                                              "uniform fraction over `kinds` (instead of heads/channels/layers)")
     kinds: list[Literal["heads", "channels", "layers", "experts", "latent"]] = Field(

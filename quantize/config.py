@@ -5,10 +5,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dsc.config import Config, check_device, check_regexes
+from dsc.config import Config, StageConfig, check_device, check_regexes
 
 
-class TargetsConfig(Config):
+class TargetsConfig(StageConfig):
     """Which linears a stage quantizes. A pattern is a class name ("Linear"), a module name or
     its last components ("mlp.down_proj"), or a regex over the full name ("re:.*\\.o_proj");
     one that matches nothing is an error. MoE models' fused routed experts ("mlp.experts") count as
@@ -51,7 +51,7 @@ class GridConfig(TargetsConfig):
         return self
 
 
-class CalibrationConfig(Config):
+class CalibrationConfig(StageConfig):
     data: str | None = Field(None, description="calibration data source (default: the recipe's first)")
     split: Literal["calibration", "train", "eval", "all"] = Field("calibration", description="split to calibrate on")
     num_samples: int = Field(64, gt=0, description="calibration blocks (sequences of the source's block_size)")

@@ -7,11 +7,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from dsc.config import Config
+from dsc.config import Config, StageConfig
 from dsc.stages import StageOutput
 
 
-class CastConfig(Config):
+class CastConfig(StageConfig):
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the weights")
 
 

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from dsc.config import Config
+from dsc.config import Config, StageConfig
 from dsc.errors import DscInputError, FieldError, RecipeError, did_you_mean, gather
 from dsc.evaluation import param_counts, perplexity, speed, weight_bytes, windows
 from dsc.fingerprint import hash_bytes, hash_json
@@ -18,7 +18,7 @@ from dsc.stages import StageOutput
 from dsc.zeroshot import TASK_CLASSES, Task, evaluate_task
 
 
-class EvaluateConfig(Config):
+class EvaluateConfig(StageConfig):
     data: str | None = Field(None, description="data source name (default: the recipe's first source)")
     split: Literal["eval", "train", "calibration", "all"] = Field("eval", description="which split to score")
     context_length: int = Field(512, gt=1, description="tokens per perplexity window")
