@@ -13,8 +13,8 @@ bytes of weights on disk, greedy decode tokens/s.
 
 Protocol (printed with the table): WikiText-2 raw validation, non-empty lines joined by blank
 lines, first W windows of 1024 tokens, each scored alone (stride 1024), token level; and C4
-held out: the W windows of the C4 validation subset right after the calibration tokens (dsc
-and llm-compressor rows);
+held out: the W windows of the C4 validation subset right after the calibration tokens; and
+LAMBADA's test passages joined by EOS, first W windows (the last two: dsc and llm-compressor rows);
 calibration: N × L tokens of the C4 validation subset (documents joined by EOS, in file order);
 weights int4 symmetric with group 64 (SmolLM2's 576-wide inputs do not take 128) unless stated.
 """
@@ -46,7 +46,8 @@ PEERS = {  # peer → (virtualenv, script, extra args, schemes)
 }
 DSC = ["float", "dsc-rtn", "dsc-awq", "dsc-gptq", "dsc-awq-gptq", "dsc-int8-wo", "dsc-w8a8", "dsc-w8a8-cpu-kernels",
        "dsc-fp8", "dsc-fp8-block-w", "dsc-nvfp4", "dsc-nvfp4-w", "dsc-mxfp4-w"]
-EVAL_C4 = {"llmcompressor"}  # peers whose script also scores the C4 held-out windows
+EXTRA = ("c4", "lambada")  # held-out texts scored beside WikiText-2 valid
+EVAL_EXTRA = {"llmcompressor"}  # peers whose script scores them too
 
 
 def prepare(work: Path, args) -> dict[str, Path]:
@@ -57,7 +58,8 @@ def prepare(work: Path, args) -> dict[str, Path]:
 
     paths = {"model": work / "smollm2-float32", "calib": work / f"calib-{args.calib_samples}x{args.calib_len}.pt",
              "eval": work / f"wiki-{args.windows}x1024.pt",
-             "eval_c4": work / f"c4-{args.windows}x1024-after-{args.calib_samples * args.calib_len}.pt"}
+             "eval_c4": work / f"c4-{args.windows}x1024-after-{args.calib_samples * args.calib_len}.pt",
+             "eval_lambada": work / f"lambada-{args.windows}x1024.pt"}
     if all(p.exists() for p in paths.values()):
         return paths
     ref = ModelRef(path="default")
@@ -71,6 +73,7 @@ def prepare(work: Path, args) -> dict[str, Path]:
     torch.save(corpora.wikitext(tok, args.windows * 1024).view(args.windows, 1024).clone(), paths["eval"])
     n = args.calib_samples * args.calib_len  # C4 held out: the windows after the calibration tokens
     torch.save(corpora.c4(tok, n + args.windows * 1024)[n:].view(args.windows, 1024).clone(), paths["eval_c4"])
+    torch.save(corpora.lambada(tok, args.windows * 1024).view(args.windows, 1024).clone(), paths["eval_lambada"])
     return paths
 
 
@@ -116,7 +119,8 @@ def worker(method: str, paths: dict[str, Path], out: Path, group: int) -> dict:
         int8_kernels(model)
     result = {"tool": "dsc", "scheme": method.removeprefix("dsc-"), "quant_seconds": seconds,
               **common.perplexity(model, common.load_blocks(paths["eval"])),
-              "perplexity_c4": common.perplexity(model, common.load_blocks(paths["eval_c4"]))["perplexity"],
+              **{f"perplexity_{k}": common.perplexity(model, common.load_blocks(paths[f"eval_{k}"]))["perplexity"]
+                 for k in EXTRA},
               "decode_tok_s": common.decode_speed(model, model.config.vocab_size), "bytes_on_disk": disk}
     return {**result, "peak_rss_mb": common.peak_rss_mb()}
 
@@ -132,22 +136,23 @@ def run(cmd: list[str]) -> dict | None:
 
 def table(rows: list[dict], args) -> str:
     base = next((r for r in rows if r["scheme"] == "float"), None)
-    lines = ["| tool | scheme | WikiText-2 ppl | Δ | C4 held-out ppl | Δ | quantize s | peak RSS MB | weights MB | "
-             "decode tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = ("perplexity", *(f"perplexity_{k}" for k in EXTRA))
+    lines = ["| tool | scheme | WikiText-2 | Δ | C4 held out | Δ | LAMBADA | Δ | quantize s | peak RSS MB | "
+             "weights MB | decode tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def delta(r, key):
-        if not base or r is base or r.get(key) is None or base.get(key) is None:
-            return ""
-        return f"{100 * (r[key] / base[key] - 1):+.1f} %"
+    def cell(r, key):
+        if r.get(key) is None:
+            return "– | "
+        if not base or r is base or base.get(key) is None:
+            return f"{r[key]:.3f} | "
+        return f"{r[key]:.3f} | {100 * (r[key] / base[key] - 1):+.1f} %"
     for r in rows:
         disk = f"{r['bytes_on_disk'] / 1e6:.0f}" if r.get("bytes_on_disk") else "–"
-        c4 = f"{r['perplexity_c4']:.3f}" if r.get("perplexity_c4") is not None else "–"
-        lines.append(f"| {r['tool']} | {r['scheme']} | {r['perplexity']:.3f} | {delta(r, 'perplexity')} | {c4} | "
-                     f"{delta(r, 'perplexity_c4')} | {r['quant_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {disk} | "
-                     f"{r['decode_tok_s']:.1f} |")
-    lines.append(f"\nWikiText-2 raw valid and C4 (the {args.windows} windows after the calibration tokens), "
-                 f"{args.windows} × 1024-token windows each, token level; calibration {args.calib_samples} × "
-                 f"{args.calib_len} C4-subset tokens; int4 group {args.group}; "
+        lines.append(f"| {r['tool']} | {r['scheme']} | " + " | ".join(cell(r, k) for k in keys) +
+                     f" | {r['quant_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {disk} | {r['decode_tok_s']:.1f} |")
+    lines.append(f"\nPerplexity, token level, {args.windows} × 1024-token windows each scored alone: WikiText-2 raw "
+                 f"valid; C4 held out (the windows after the calibration tokens); LAMBADA test passages. "
+                 f"Calibration {args.calib_samples} × {args.calib_len} C4-subset tokens; int4 group {args.group}; "
                  f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     return "\n".join(lines)
 
@@ -184,7 +189,8 @@ def main() -> None:
                                               *extra, "--model", str(paths["model"]), "--calib", str(paths["calib"]),
                                               "--eval", str(paths["eval"]), "--scheme", scheme, "--group",
                                               str(args.group), "--out", str(args.work / f"{peer}-{scheme}"),
-                                              *(["--eval-c4", str(paths["eval_c4"])] if peer in EVAL_C4 else [])]))
+                                              *[a for k in EXTRA if peer in EVAL_EXTRA
+                                                for a in ("--eval-extra", f"{k}={paths[f'eval_{k}']}")]]))
     rows = []
     for name, cmd in jobs:
         print(f"… {name}", file=sys.stderr, flush=True)

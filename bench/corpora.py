@@ -22,3 +22,10 @@ def c4(tok, n_tokens: int) -> torch.Tensor:
     """The C4 validation subset, documents joined by EOS in file order: the first `n_tokens`."""
     with open(SHARED / "c4-validation-subset" / "c4_validation_2k.jsonl") as fh:
         return tokenize_documents((json.loads(line)["text"] for line in fh), tok, n_tokens)
+
+
+def lambada(tok, n_tokens: int) -> torch.Tensor:
+    """LAMBADA (OpenAI's test set: book passages), passages joined by EOS in file order: the first
+    `n_tokens`. Text no calibration set here contains."""
+    with open(SHARED / "lambada_openai" / "lambada_test.jsonl") as fh:
+        return tokenize_documents((json.loads(line)["text"] for line in fh), tok, n_tokens)

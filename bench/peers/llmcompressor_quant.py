@@ -177,7 +177,8 @@ def main() -> None:
     ap.add_argument("--scheme", required=True, choices=SCHEMES)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--eval-c4", help="also score these windows (C4 held out from calibration): perplexity_c4")
+    ap.add_argument("--eval-extra", action="append", default=[], metavar="NAME=PATH",
+                    help="also score these windows (e.g. c4=C4 held out from calibration): perplexity_NAME")
     args = ap.parse_args()
 
     import llmcompressor
@@ -222,8 +223,9 @@ def main() -> None:
     model.eval()
     weights = weight_args(modifiers)
     ppl = perplexity(model, windows)
-    if args.eval_c4:
-        ppl["perplexity_c4"] = perplexity(model, load_blocks(args.eval_c4))["perplexity"]
+    for extra in args.eval_extra:
+        name, path = extra.split("=", 1)
+        ppl[f"perplexity_{name}"] = perplexity(model, load_blocks(path))["perplexity"]
     tok_s = decode_speed(model, model.config.vocab_size)
     print(json.dumps({
         "tool": "llm-compressor", "version": llmcompressor.__version__, "scheme": args.scheme,
