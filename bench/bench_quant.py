@@ -96,8 +96,14 @@ def worker(method: str, paths: dict[str, Path], out: Path, group: int) -> dict:
     data = dict(split="all", num_samples=calib.shape[0])
     stages = {"dsc-rtn": (apply_rtn, RTNConfig(group_size=group)),
               "dsc-awq": (apply_awq, AWQConfig(group_size=group, **data)),
+              # where AWQ loses on held-out text: its clipping search, and the calibration its module loss replays
+              "dsc-awq-noclip": (apply_awq, AWQConfig(group_size=group, clip=False, **data)),
+              "dsc-awq-loss-all": (apply_awq, AWQConfig(group_size=group, loss_samples=calib.shape[0], **data)),
+              "dsc-awq-noclip-loss-all": (apply_awq, AWQConfig(group_size=group, clip=False,
+                                                               loss_samples=calib.shape[0], **data)),
               "dsc-gptq": (apply_gptq, GPTQConfig(group_size=group, **data)),  # act-order, static groups
               "dsc-awq-gptq": (apply_gptq, GPTQConfig(group_size=group, awq_scales=True, **data)),
+              "dsc-awq-gptq-clip": (apply_gptq, GPTQConfig(group_size=group, awq_scales=True, clip=True, **data)),
               "dsc-fp8": (apply_float, FloatConfig(scheme="fp8")),  # FP8_DYNAMIC
               # 576-wide inputs: no per-128 activation groups (llm-compressor's FP8_BLOCK fails there too)
               "dsc-fp8-block-w": (apply_float, FloatConfig(scheme="fp8-block", activations="none")),
