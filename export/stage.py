@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, field_validator
 
 from dsc import __version__
-from dsc.config import Config, StageConfig
+from dsc.config import StageConfig
 from dsc.errors import DscInputError
 from dsc.stages import StageOutput
 

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from dsc.config import Config, StageConfig, check_regexes
+from dsc.config import StageConfig, check_regexes
 
 
 def _fraction(v: float) -> float:

@@ -68,6 +68,19 @@ class CalibrationConfig(StageConfig):
         return check_device(v, allow_auto=False)
 
 
+# The activation modes each floating-point scheme takes, its default first.
+FLOAT_ACTIVATIONS = {"fp8": ("dynamic", "static", "none"), "fp8-block": ("dynamic", "none"),
+                     "nvfp4": ("static", "none"), "mxfp4": ("dynamic", "none")}
+
+
+def float_mode(scheme: str, activations: str | None) -> str:
+    """`activations` (None: the scheme's default), checked against what `scheme` takes."""
+    mode = activations or FLOAT_ACTIVATIONS[scheme][0]
+    if mode not in FLOAT_ACTIVATIONS[scheme]:
+        raise ValueError(f"activations: {mode} is not a {scheme} scheme; use one of {FLOAT_ACTIVATIONS[scheme]}")
+    return mode
+
+
 class SchemeGroup(Config):
     """Another grid for some of a stage's linears: one compressed-tensors config group of its own.
     `scheme: int` is an integer grid (bits, group_size, symmetric); the others are floating-point."""
@@ -92,20 +105,15 @@ class SchemeGroup(Config):
     @model_validator(mode="after")
     def _valid(self):
         mode = self.act_mode
-        if self.scheme == "int" and mode not in ("none",) and not (mode == "dynamic" and self.bits == 8):
+        if self.scheme == "int" and mode != "none" and not (mode == "dynamic" and self.bits == 8):
             raise ValueError("integer activations are int8 per token (dynamic) with bits: 8, or none")
-        if self.scheme != "int":
-            allowed = {"fp8": ("dynamic", "static", "none"), "fp8-block": ("dynamic", "none"),
-                       "nvfp4": ("static", "none"), "mxfp4": ("dynamic", "none")}[self.scheme]
-            if mode not in allowed:
-                raise ValueError(f"activations: {mode} is not a {self.scheme} scheme; use one of {allowed}")
         return self
 
     @property
     def act_mode(self) -> str:
-        if self.activations:
-            return self.activations
-        return "none" if self.scheme == "int" else "static" if self.scheme == "nvfp4" else "dynamic"
+        if self.scheme == "int":
+            return self.activations or "none"
+        return float_mode(self.scheme, self.activations)
 
 
 class MixedSchemes(Config):
@@ -179,10 +187,7 @@ class FloatConfig(TargetsConfig, CalibrationConfig, GPTQKnobs, MixedSchemes):
 
     @model_validator(mode="after")
     def _scheme(self):
-        allowed = {"fp8": ("dynamic", "static", "none"), "fp8-block": ("dynamic", "none"),
-                   "nvfp4": ("static", "none"), "mxfp4": ("dynamic", "none")}[self.scheme]
-        if self.act_mode not in allowed:
-            raise ValueError(f"activations: {self.activations} is not a {self.scheme} scheme; use one of {allowed}")
+        float_mode(self.scheme, self.activations)
         if self.format != "auto":
             raise ValueError(f"format: {self.format} is an integer format; {self.scheme} is saved in its own "
                              "(leave format out)")
@@ -192,7 +197,7 @@ class FloatConfig(TargetsConfig, CalibrationConfig, GPTQKnobs, MixedSchemes):
 
     @property
     def act_mode(self) -> str:
-        return self.activations or ("static" if self.scheme == "nvfp4" else "dynamic")
+        return float_mode(self.scheme, self.activations)
 
     @property
     def needs_data(self) -> bool:

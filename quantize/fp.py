@@ -126,13 +126,3 @@ class FloatGrid:
     def rtn(self, w: torch.Tensor) -> torch.Tensor:
         return self.fake(w, *self.params(w))
 
-    def store(self, scale: torch.Tensor) -> torch.Tensor:
-        return scale
-
-    def codes(self, w, scale, zero):
-        raise NotImplementedError(f"{self.name} codes are packed by compressed-tensors' own compressor")
-
-
-def representable(w: torch.Tensor, scale: torch.Tensor, grid: FloatGrid) -> bool:
-    """Whether every weight of `w` is exactly a code of `grid` times its effective scale."""
-    return bool(torch.equal(grid.fake(w, scale), w.float()))

@@ -99,25 +99,17 @@ class Rounding:
         for g in range(blocks.shape[0]):
             cols = slice(g * gs, (g + 1) * gs)
             part = Quantized(grid, static.scale[:, g:g + 1], static.zero[:, g:g + 1], static.global_scale)
-            q[:, cols], _ = gptq(weight[:, cols], blocks[g], _one_group(grid, gs), self.damp, self.block_size,
+            q[:, cols], _ = gptq(weight[:, cols], blocks[g], _OneGroup(grid), self.damp, self.block_size,
                                  self.act_order, part)
         weight.copy_(q.to(weight.dtype))
         return static
 
 
-def _one_group(grid, gs: int):
-    """`grid` seen by one group's columns: a single group of width gs (scales given)."""
-    from dataclasses import replace
-
-    return replace(grid, group_size=None) if isinstance(grid, Grid) else _Columns(grid, gs)
-
-
 @dataclass(frozen=True)
-class _Columns:
-    """A float grid restricted to one group's columns: its scales come from outside."""
+class _OneGroup:
+    """`grid` seen by one group's columns, whose scales are given: all its columns are one group."""
 
     grid: object
-    width: int
 
     def group(self, in_features: int, name: str = "") -> int:
         return in_features

@@ -95,7 +95,8 @@ def check_untied(model: nn.Module, names: list[str]) -> None:
 def _rtn(model: nn.Module, names: list[str], grid: Grid, experts: list[str] = (), grids: dict | None = None) -> dict:
     """Round to nearest; `grids`: full name → another grid for that linear (a scheme group)."""
     grids, outer = grids or {}, {}
-    for fused in _shared_inputs(model):  # NVFP4: one global scale for q/k/v and for gate/up
+    global_scaled = any(hasattr(g, "global_scale") for g in {grid, *grids.values()})
+    for fused in _shared_inputs(model) if global_scaled else ():  # NVFP4: one global scale for q/k/v, gate/up
         chosen = [n for n in fused if n in names and grids.get(n, grid) == grids.get(fused[0], grid)]
         g = shared_global_scale([model.get_submodule(n).weight for n in chosen], grids.get(chosen[0], grid)) \
             if len(chosen) > 1 else None
@@ -159,8 +160,13 @@ def _layerwise(model, cfg, ctx, names: list[str], plan: Plan) -> tuple[dict, lis
     return done, searches
 
 
+def _blocks(cfg, ctx):
+    """The calibration blocks a stage reads: `num_samples` of its source's split."""
+    return ctx.data[cfg.data or ctx.data.default()].blocks(cfg.split)[: cfg.num_samples]
+
+
 def _capture(model, layers, cfg, ctx, device):
-    blocks = ctx.data[cfg.data or ctx.data.default()].blocks(cfg.split)[: cfg.num_samples]
+    blocks = _blocks(cfg, ctx)
     home = next(model.parameters()).device
     _outside_layers(model, layers, device)
     try:
@@ -213,19 +219,29 @@ def _modes(default_grid, default_mode: str | None, modes: dict) -> dict:
     return {default_grid: default_mode, **modes}
 
 
+def _static(modes: dict) -> tuple:
+    """The grids whose linears record a static input scale from calibration."""
+    return tuple(g for g, m in modes.items() if m == "static")
+
+
+def _targets(model, cfg, mode: str | None = None) -> tuple[list[str], list[str], Grid | FloatGrid, dict, dict]:
+    """What a quantizer works on: its linears and fused experts, its grid, the scheme groups' grids
+    (full name → grid) and every grid's activation mode (`mode`: the stage grid's)."""
+    names, experts = select(model, cfg)
+    check_untied(model, names)
+    grid = grid_for(cfg, model, names, experts)
+    grids, modes = scheme_grids(cfg, model, names)
+    return names, experts, grid, grids, _modes(grid, mode, modes)
+
+
 def _uncalibrated(modes: dict) -> None:
-    static = [g for g, m in modes.items() if m == "static"]
-    if static:
+    if _static(modes):
         raise FieldError("schemes", "static activations need calibration data: use the `fp` or `gptq` stage, or "
                                     "activations: dynamic / none")
 
 
 def apply_rtn(model, cfg: RTNConfig, ctx) -> StageOutput:
-    names, experts = select(model, cfg)
-    check_untied(model, names)
-    grid = grid_for(cfg, model, names, experts)
-    grids, modes = scheme_grids(cfg, model, names)
-    modes = _modes(grid, None, modes)
+    names, experts, grid, grids, modes = _targets(model, cfg)
     _uncalibrated(modes)
     return _finish(model, _rtn(model, names, grid, experts, grids), cfg, None, {}, modes)
 
@@ -263,15 +279,11 @@ def _summary(searches: list[dict]) -> dict:
 
 def apply_gptq(model, cfg: GPTQConfig, ctx) -> StageOutput:
     """GPTQ (with `awq_scales`: AWQ's scales searched and folded first, then GPTQ)."""
-    names, experts = select(model, cfg)
-    check_untied(model, names)
-    grid = grid_for(cfg, model, names, experts)
-    grids, modes = scheme_grids(cfg, model, names)
-    modes = _modes(grid, None, modes)
+    names, experts, grid, grids, modes = _targets(model, cfg)
     plan = Plan(grid, "awq" if cfg.awq_scales else None, n_grid=cfg.n_grid,
                 duo=cfg.duo_scaling, module_loss=cfg.loss == "module",
                 loss_batches=max(1, -(-cfg.loss_samples // cfg.batch_size)), rounding=_gptq(cfg, cfg.clip),
-                grids=grids, static_grids=tuple(g for g, m in modes.items() if m == "static"))
+                grids=grids, static_grids=_static(modes))
     t0 = time.perf_counter()
     done, searches = _layerwise(model, cfg, ctx, names + experts, plan)
     return _finish(model, done, cfg, None, {"seconds": round(time.perf_counter() - t0, 2), **_summary(searches),
@@ -285,10 +297,8 @@ def _gptq(cfg: GPTQKnobs, clip: bool = False) -> Rounding:
 
 def apply_float(model, cfg: FloatConfig, ctx) -> StageOutput:
     """FP8 (per channel or 128×128 blocks), NVFP4, MXFP4 weights, activations dynamic or static."""
-    names, experts = select(model, cfg)
-    check_untied(model, names)
-    grid = grid_for(cfg, model, names, experts)
     mode = None if cfg.act_mode == "none" else cfg.act_mode
+    names, experts, grid, grids, modes = _targets(model, cfg, mode)
     if experts:
         raise FieldError("ignore", f"fused MoE experts ({experts[0]}, …) are not yet saved in {cfg.scheme}: add "
                                    "\"re:.*experts\" to ignore (their linears can be; or use gptq / rtn / awq)")
@@ -299,12 +309,10 @@ def apply_float(model, cfg: FloatConfig, ctx) -> StageOutput:
                                             f"divide the inputs of {len(narrow)} targets ({narrow[0]}: "
                                             f"{model.get_submodule(narrow[0]).in_features}): use activations: none "
                                             "(weight blocks pad), scheme: fp8, or add them to `ignore`")
-    grids, modes = scheme_grids(cfg, model, names)
-    modes = _modes(grid, mode, modes)
     t0 = time.perf_counter()
     if cfg.needs_data:
         plan = Plan(grid, None, rounding=_gptq(cfg) if cfg.gptq else Rounding("rtn"), grids=grids,
-                    static_grids=tuple(g for g, m in modes.items() if m == "static"))
+                    static_grids=_static(modes))
         done, searches = _layerwise(model, cfg, ctx, names + experts, plan)
     else:
         done, searches = _rtn(model, names, grid, experts, grids), []
@@ -338,9 +346,8 @@ def apply_sensitivity(model, cfg: SensitivityConfig, ctx) -> StageOutput:
     from dsc.quantize.sensitivity import markdown, sensitivity, suggest
 
     names, _ = select(model, cfg)
-    blocks = ctx.data[cfg.data or ctx.data.default()].blocks(cfg.split)[: cfg.num_samples]
     t0 = time.perf_counter()
-    rows = sensitivity(model, cfg.candidates, blocks, cfg.batch_size, names)
+    rows = sensitivity(model, cfg.candidates, _blocks(cfg, ctx), cfg.batch_size, names)
     top = suggest(rows, cfg.candidates[0], cfg.candidates[-1], cfg.top) if len(cfg.candidates) > 1 else {}
     metrics = {"seconds": round(time.perf_counter() - t0, 2), "linears": len({r["linear"] for r in rows}),
                "most_sensitive": top.get("targets", [])[:cfg.top], "suggested_schemes": [top] if top else []}

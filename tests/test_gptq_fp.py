@@ -158,34 +158,6 @@ def test_fp8_weights_are_representable_in_e4m3_with_their_scale(tokenizer):
             assert torch.equal(codes * scale, w), name
 
 
-def test_gptq_calibration_killed_mid_model_resumes(tokenizer, tmp_path, monkeypatch):
-    import dsc.quantize.stage as stage
-
-    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
-    cfg = GPTQConfig(group_size=16, split="all", num_samples=4, batch_size=2)
-    reference = make_model("qwen2", len(tokenizer))
-    apply_gptq(reference, cfg, _ctx(tokenizer, ids))
-    ctx = _ctx(tokenizer, ids)
-    ctx.work_dir = tmp_path / "work"
-    real, calls = stage.quantize_layer, []
-
-    def crash_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(stage, "quantize_layer", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        apply_gptq(make_model("qwen2", len(tokenizer)), cfg, ctx)
-    calls.clear()
-    model = make_model("qwen2", len(tokenizer))
-    apply_gptq(model, cfg, ctx)
-    assert len(calls) == 1
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=0, rtol=0)
-
-
 # ---- quality floors on trained weights (stories260K) -----------------------------------------------
 # stories260K: hidden 64, MLP 172 (= 4 × 43): down_proj takes no group size, so grouped runs leave it out.
 GROUPED = dict(group_size=32, ignore=["lm_head", "down_proj"])

@@ -13,7 +13,8 @@ from dsc import Context
 from dsc.data.pipeline import TokenData
 from dsc.errors import FieldError
 from dsc.models import save_model
-from dsc.quantize import AWQConfig, Grid, Int8Config, RTNConfig, apply_awq, apply_int8, apply_rtn
+from dsc.quantize import (AWQConfig, GPTQConfig, Grid, Int8Config, RTNConfig, apply_awq, apply_gptq, apply_int8,
+                          apply_rtn)
 from dsc.quantize import ct
 from dsc.quantize.calibrate import capture, observe
 from dsc.quantize.layerwise import _fold, _groups
@@ -283,14 +284,17 @@ def test_recipe_w8a8_measured_on_int8_kernels(llama_dir, text_file, tmp_path):
     assert fast["perplexity"] == pytest.approx(ct_model["perplexity"], rel=0.02)
 
 
-def test_calibration_killed_mid_model_resumes_after_the_last_layer(tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("quantizer,cfg", [(apply_awq, AWQConfig(group_size=16, split="all", num_samples=4,
+                                                                     batch_size=2)),
+                                           (apply_gptq, GPTQConfig(group_size=16, split="all", num_samples=4,
+                                                                   batch_size=2))], ids=["awq", "gptq"])
+def test_calibration_killed_mid_model_resumes_after_the_last_layer(tokenizer, tmp_path, monkeypatch, quantizer, cfg):
     """A crash during layer 1 keeps layer 0's work; the rerun equals an uninterrupted run."""
     import dsc.quantize.stage as stage
 
     ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
-    cfg = AWQConfig(group_size=16, split="all", num_samples=4, batch_size=2)
     reference = make_model("qwen2", len(tokenizer))
-    apply_awq(reference, cfg, _ctx(tokenizer, ids))
+    quantizer(reference, cfg, _ctx(tokenizer, ids))
 
     ctx = _ctx(tokenizer, ids)
     ctx.work_dir = tmp_path / "work"
@@ -304,11 +308,11 @@ def test_calibration_killed_mid_model_resumes_after_the_last_layer(tokenizer, tm
 
     monkeypatch.setattr(stage, "quantize_layer", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        apply_awq(make_model("qwen2", len(tokenizer)), cfg, ctx)
+        quantizer(make_model("qwen2", len(tokenizer)), cfg, ctx)
     assert json.loads((ctx.work_dir / "layers" / "meta.json").read_text()) == {"layer": 0}
     calls.clear()
     model = make_model("qwen2", len(tokenizer))
-    apply_awq(model, cfg, ctx)
+    quantizer(model, cfg, ctx)
     assert len(calls) == 1  # only layer 1 was calibrated again
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=0, rtol=0)

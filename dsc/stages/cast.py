@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from dsc.config import Config, StageConfig
+from dsc.config import StageConfig
 from dsc.stages import StageOutput
 
 

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from dsc.config import Config, StageConfig
+from dsc.config import StageConfig
 from dsc.errors import DscInputError, FieldError, RecipeError, did_you_mean, gather
 from dsc.evaluation import param_counts, perplexity, speed, weight_bytes, windows
 from dsc.fingerprint import hash_bytes, hash_json
